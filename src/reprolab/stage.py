@@ -1,0 +1,116 @@
+"""Run one paper's stage: validate, execute its notebook with papermill, render the report, publish results.
+
+``python -m reprolab.stage <slug> [--profile P]`` is what each ``paper@<slug>`` stage of dvc.yaml runs:
+
+1. validate params.yaml (the paper's section under the profile, and the registry) before any expensive work;
+2. execute ``notebooks/<slug>.ipynb`` into ``build/<slug>/`` (never over the source notebook) with papermill,
+   the notebook writing into a staging folder;
+3. on success: render ``reports/<slug>.html`` with nbconvert, check that metrics.json has exactly the registry's claims,
+   add the stage's wall time and peak memory to ``timings.json`` (kept apart from metrics) and move the staging folder
+   to ``results/<slug>/``;
+4. on failure: print the failing cell, remove ``results/<slug>/`` (no stale metrics survive a failed run; DVC keeps the
+   previous outputs in its cache), keep the partial executed notebook in ``build/<slug>/`` for debugging, exit 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .config import ParamError, load_params, read_params, registry_entry
+from .paths import BUILD_DIR, NOTEBOOKS_DIR, REPO_ROOT, REPORTS_DIR, RESULTS_DIR
+from .results import write_json
+
+
+class StageError(RuntimeError):
+    pass
+
+
+def _child_peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def check_claims(slug: str, metrics_path: Path, params: dict) -> dict:
+    if not metrics_path.exists():
+        raise StageError(f"{slug}: the notebook finished without writing {metrics_path.name}")
+    metrics = json.loads(metrics_path.read_text())
+    expected = set(registry_entry(slug, params)["claims"] or {})
+    got = set(metrics.get("claims", {}))
+    if got != expected:
+        raise StageError(f"{slug}: metrics.json claims {sorted(got)} differ from the registry's {sorted(expected)}")
+    return metrics
+
+
+def run_stage(slug: str, profile: str | None = None, results_root: Path = RESULTS_DIR,
+              reports_root: Path = REPORTS_DIR, build_root: Path = BUILD_DIR, render: bool = True,
+              params_file: Path | None = None, notebooks_root: Path = NOTEBOOKS_DIR) -> Path:
+    """Run the stage of ``slug``; the keyword roots let tests run it in a scratch folder."""
+    params = read_params(params_file)
+    cfg = load_params(slug, profile, params)  # raises ParamError before any work
+    profile = cfg["profile"]
+    notebook = notebooks_root / f"{slug}.ipynb"
+    if not notebook.exists():
+        raise StageError(f"{notebook} does not exist (every registered paper needs a notebook)")
+    if not reports_root.is_absolute() or not results_root.is_absolute():
+        raise StageError("results_root and reports_root must be absolute paths")
+
+    build = build_root / slug
+    staging = build / "staging"
+    shutil.rmtree(build, ignore_errors=True)
+    staging.mkdir(parents=True)
+    final = results_root / slug
+    executed = build / f"{slug}.ipynb"
+
+    env = dict(os.environ, DGLBACKEND="pytorch", PYTHONHASHSEED="0", TQDM_MININTERVAL="5")
+    cmd = [sys.executable, "-m", "papermill", str(notebook), str(executed), "--kernel", "python3",
+           "--cwd", str(REPO_ROOT), "-p", "paper", slug, "-p", "profile", profile, "-p", "out_dir", str(staging)]
+    print(f"[{slug}] executing {notebook.name} (profile={profile})", flush=True)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        shutil.rmtree(final, ignore_errors=True)
+        raise StageError(f"{slug}: the notebook failed (see the failing cell above); the partially executed "
+                         f"notebook is {executed}; {final} was removed")
+
+    metrics = check_claims(slug, staging / "metrics.json", params)
+    if render:
+        reports_root.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--to", "html", "--output-dir",
+                        str(reports_root), "--output", slug, str(executed)], check=True, env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    timings_path = staging / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {"notebook": {}, "benchmarks": {}}
+    timings["stage"] = {"profile": profile, "wall_s": round(wall, 1), "peak_rss_mb": round(_child_peak_rss_mb(), 1)}
+    write_json(timings_path, timings)
+
+    shutil.rmtree(final, ignore_errors=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(staging), str(final))
+    held = sum(c["holds"] for c in metrics["claims"].values())
+    print(f"[{slug}] done in {wall:.0f} s, peak {timings['stage']['peak_rss_mb']:.0f} MB; "
+          f"claims held {held}/{len(metrics['claims'])}", flush=True)
+    return final
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("paper", help="slug of a registered paper (params.yaml: papers)")
+    ap.add_argument("--profile", default=None, help="smoke | quick | full (default: params.yaml's profile)")
+    args = ap.parse_args(argv)
+    try:
+        run_stage(args.paper, args.profile)
+    except (ParamError, StageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,57 @@
+"""The stage runner: failures leave no stale results; every notebook runs in the smoke profile, byte-identically twice."""
+import json
+
+import nbformat
+import pytest
+import yaml
+
+from reprolab.config import read_params
+from reprolab.stage import StageError, run_stage
+
+PAPERS = list(read_params()["papers"])
+
+
+def _failing_setup(tmp_path):
+    params = {"profile": "smoke", "models": {}, "datasets": {},
+              "papers": {"broken": {"title": "B", "arxiv": "0", "family": "x", "datasets": [], "models": [],
+                                    "claims": {"c": {"text": "t", "baseline": "b", "paper": "p"}}}},
+              "broken": {"seed": 0}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    p = nbformat.v4.new_code_cell('paper = "broken"\nprofile = "smoke"\nout_dir = ""')
+    p.metadata["tags"] = ["parameters"]
+    nb.cells = [p, nbformat.v4.new_code_cell("import pathlib\npathlib.Path(out_dir, 'metrics.json').write_text('{}')"),
+                nbformat.v4.new_code_cell("raise RuntimeError('deliberate failure in cell 3')")]
+    (tmp_path / "nbs").mkdir()
+    nbformat.write(nb, tmp_path / "nbs" / "broken.ipynb")
+
+
+def test_failing_notebook_fails_stage_and_removes_stale_results(tmp_path, capfd):
+    _failing_setup(tmp_path)
+    stale = tmp_path / "results" / "broken"
+    stale.mkdir(parents=True)
+    (stale / "metrics.json").write_text('{"claims": {}}')
+    with pytest.raises(StageError, match="the notebook failed"):
+        run_stage("broken", "smoke", results_root=tmp_path / "results", reports_root=tmp_path / "reports",
+                  build_root=tmp_path / "build", params_file=tmp_path / "params.yaml", notebooks_root=tmp_path / "nbs")
+    assert "deliberate failure in cell 3" in capfd.readouterr().err  # the failing cell is visible
+    assert not stale.exists(), "a failed stage must not leave stale metrics behind"
+    assert not (tmp_path / "reports" / "broken.html").exists()
+    assert (tmp_path / "build" / "broken" / "broken.ipynb").exists(), "the partial notebook is kept for debugging"
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("slug", PAPERS)
+def test_notebook_smoke_runs_and_reruns_identically(slug, tmp_path):
+    kw = dict(reports_root=tmp_path / "reports", build_root=tmp_path / "build")
+    first = run_stage(slug, "smoke", results_root=tmp_path / "r1", **kw)
+    metrics = json.loads((first / "metrics.json").read_text())
+    assert set(metrics["claims"]) == set(read_params()["papers"][slug]["claims"])
+    assert list((first / "figures").glob("*.png")), "each paper saves at least one figure"
+    assert (tmp_path / "reports" / f"{slug}.html").stat().st_size > 10_000
+    timings = json.loads((first / "timings.json").read_text())
+    assert timings["stage"]["wall_s"] > 0 and timings["stage"]["peak_rss_mb"] > 0
+    second = run_stage(slug, "smoke", results_root=tmp_path / "r2", render=False, **kw)
+    assert (first / "metrics.json").read_bytes() == (second / "metrics.json").read_bytes(), \
+        "rerunning a stage with the same parameters must give byte-identical metrics.json"
