@@ -33,6 +33,7 @@ models: data
 	@$(BIN)/dvc repro model_cache
 
 repro: models
+	@$(BIN)/python -m reprolab.config
 	$(BIN)/dvc repro
 	@echo "== results: results/<paper>/metrics.json, reports/<paper>.html, reports/index.html"
 

@@ -159,3 +159,20 @@ def registry_entry(paper: str, params: dict | None = None) -> dict:
     if paper not in params["papers"]:
         raise ParamError(f"paper: unknown slug {paper!r}; allowed: {', '.join(sorted(params['papers']))}")
     return params["papers"][paper]
+
+
+def main() -> int:
+    """``python -m reprolab.config``: validate the whole params.yaml (every paper, every profile) and exit."""
+    import sys
+
+    try:
+        slugs = validate_all()
+    except ParamError as exc:
+        print(f"params.yaml is invalid: {exc}", file=sys.stderr)
+        return 1
+    print(f"params.yaml: {len(slugs)} paper(s) valid in profiles {', '.join(PROFILES)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
