@@ -26,8 +26,7 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-* && touch $@
 
 data: setup
-	@$(BIN)/python -m reprolab.data.materialize
-	@$(BIN)/dvc status data.dvc
+	@$(BIN)/python -m reprolab.data.materialize --verify
 
 models: data
 	@$(BIN)/dvc repro model_cache

@@ -79,12 +79,37 @@ def materialize_data() -> list[Path]:
     return written
 
 
+def verify_pin() -> None:
+    """Check that data/ hashes to what data.dvc pins, and put it in the DVC cache (so `dvc status` is clean).
+
+    `dvc commit` recomputes the hash; if data.dvc would change, the pin is restored and we stop: the materialized data
+    differ from the committed pin, and nothing is re-pinned silently (run `dvc add data` on purpose to re-pin).
+    """
+    from ..paths import REPO_ROOT
+
+    pin = REPO_ROOT / "data.dvc"
+    before = pin.read_bytes()
+    dvc = [sys.executable, "-m", "dvc"]
+    res = subprocess.run(dvc + ["commit", "--force", "--quiet", "data.dvc"], cwd=REPO_ROOT, capture_output=True, text=True)
+    after = pin.read_bytes()
+    if after != before:
+        pin.write_bytes(before)
+        raise RuntimeError("data/ does not match the pin in data.dvc (was a file edited, or sources.py changed?). "
+                           "Re-pin on purpose with `dvc add data`, or delete data/ and rerun `make data`.")
+    if res.returncode != 0:
+        raise RuntimeError(f"dvc commit data.dvc failed:\n{res.stderr[-2000:]}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--models", action="store_true", help="also fetch the model archives into build/archives")
+    ap.add_argument("--verify", action="store_true", help="check data/ against the pin in data.dvc and cache it")
     args = ap.parse_args(argv)
     written = materialize_data()
     print(f"data/: {len(written)} file(s) written, the rest already up to date")
+    if args.verify:
+        verify_pin()
+        print("data/ matches data.dvc")
     if args.models:
         for src in MODEL_SOURCES.values():
             fetch(src)
