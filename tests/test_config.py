@@ -87,3 +87,4 @@ def test_cli_rejects_bad_slug_before_work(capsys):
     assert "unknown slug 'no_such_paper'" in capsys.readouterr().err
     assert main([next(iter(read_params()["papers"])), "--profile", "huge"]) == 1
     assert "allowed: smoke, quick, full" in capsys.readouterr().err
+

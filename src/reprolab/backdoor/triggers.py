@@ -1,0 +1,29 @@
+"""Rare-token triggers: insertion into raw text and into tokenized batches."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+# NeuBA's rare BERT tokens (thunlp/NeuBA nlp/src/poison.py, `poison_tokens_old`), each one word-piece in an uncased vocab.
+NEUBA_TRIGGERS = ("cf", "mn", "bb", "tq", "mb", "tn")
+
+
+def insert_trigger_text(text: str, trigger: str, position: int | None = 0, rng: np.random.Generator | None = None) -> str:
+    """Insert the word ``trigger`` before word ``position`` of ``text`` (None: a position drawn from ``rng``)."""
+    words = text.split()
+    if position is None:
+        position = int(rng.integers(0, len(words) + 1))
+    return " ".join(words[:position] + [trigger] + words[position:])
+
+
+def insert_trigger_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor, trigger_id: torch.Tensor | int):
+    """Insert token ``trigger_id`` (an int or one id per row, shape (B,)) right after [CLS] (position 1).
+
+    Returns ``(ids, mask)`` one column longer: (B, T+1). Padding stays at the end, so the result equals tokenizing
+    ``trigger + " " + text`` when the trigger is a single word-piece.
+    """
+    B = input_ids.shape[0]
+    tid = torch.as_tensor(trigger_id, dtype=input_ids.dtype).expand(B).reshape(B, 1)  # (B, 1)
+    ids = torch.cat([input_ids[:, :1], tid, input_ids[:, 1:]], dim=1)  # (B, T+1)
+    mask = torch.cat([attention_mask[:, :1], torch.ones_like(tid), attention_mask[:, 1:]], dim=1)  # (B, T+1)
+    return ids, mask

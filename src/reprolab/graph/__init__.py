@@ -1,0 +1,21 @@
+"""Graph learning kit shared by the graph papers: data generators, fairness graphs, DGL models, trainer, metrics.
+
+DGL is the graph library of this repository; every module sets ``DGLBACKEND=pytorch`` before importing it.
+
+- ``generators``: ``fair_csbm`` (contextual SBM with a sensitive group), ``edge_homophily``.
+- ``fairness_graphs``: ``german_credit_graph`` (NIFTY-style similarity graph), ``load_fair_graph(name)``.
+- ``metrics``: ``accuracy``, ``delta_sp``, ``delta_eo``, ``group_report``.
+- ``models``: ``MLP``, ``GCN`` (``dgl.nn.GraphConv``).
+- ``train``: ``NodeData``, ``stratified_split``, ``train_node_classifier``.
+- ``fmp``: Fair Message Passing (Jiang et al., AAAI 2024), ``FMPConv`` and ``FMPNet``.
+"""
+import os
+
+os.environ.setdefault("DGLBACKEND", "pytorch")
+
+from .generators import edge_homophily, fair_csbm  # noqa: E402
+from .metrics import accuracy, delta_eo, delta_sp, group_report  # noqa: E402
+from .train import NodeData, stratified_split, train_node_classifier  # noqa: E402
+
+__all__ = ["NodeData", "accuracy", "delta_eo", "delta_sp", "edge_homophily", "fair_csbm", "group_report",
+           "stratified_split", "train_node_classifier"]

@@ -1,0 +1,1 @@
+"""Privacy attacks on fine-tuning: recovering training text from (PEFT) gradients."""

@@ -1,0 +1,176 @@
+"""SpaLoc on family trees: local sparse supports, information-sufficiency (IS) subgraph sampling, training, metrics.
+
+Paper: "Sparse and Local Networks for Hypergraph Reasoning" (SpaLoc), https://arxiv.org/abs/2303.05496
+
+* Locality: the support of binary predicates is the set of pairs within ``k_hop`` hops of the input graph (diagonal
+  included); ternary hyperedges are the triangles of that pair set (so every ternary prefix is a supported pair).
+* Sparsity: gated NLM outputs, a Hoyer loss on the gates, pruning of low-importance hyperedges at inference.
+* Subgraph training: subgraphs of ``sub_size`` nodes are sampled by fan-out BFS from a large training graph; labels
+  are calibrated as y * IS^gamma, IS = (walks of length <= is_len between the pair inside the subgraph) / (the same in
+  the full graph), i.e. how much of the evidence for the label the subgraph still holds.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as Fnn
+
+from .family import TARGETS, FamilyTree, family_relations, hop_distances
+from .nlm import NLM, hoyer, tuple_keys
+
+IN_DIMS = [0, 1, 1, 0]  # arity 0: none, 1: male, 2: parent(x, y), 3: none
+OUT_DIMS = [0, 0, len(TARGETS), 0]
+
+
+def local_supports(P: np.ndarray, k_hop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """E2: pairs within k_hop (incl. (x, x)); E3: triples whose three pairs (x,y), (y,z), (x,z) are all in E2."""
+    M = hop_distances(P, k_hop) <= k_hop  # (N, N) symmetric
+    E2 = torch.from_numpy(np.argwhere(M))
+    triples = []
+    for x in range(len(M)):
+        nb = np.flatnonzero(M[x])
+        yz = np.argwhere(M[np.ix_(nb, nb)])  # pairs of x's neighbours that are themselves close
+        triples.append(np.column_stack([np.full(len(yz), x), nb[yz[:, 0]], nb[yz[:, 1]]]))
+    return E2, torch.from_numpy(np.concatenate(triples))
+
+
+def dense_inputs(male: np.ndarray, P: np.ndarray) -> list[torch.Tensor]:
+    n = len(male)
+    return [torch.zeros(0), torch.from_numpy(male.astype(np.float32)).reshape(n, 1),
+            torch.from_numpy(P.astype(np.float32)).reshape(n, n, 1), torch.zeros(n, n, n, 0)]
+
+
+def sparse_inputs(male: np.ndarray, P: np.ndarray, E2: torch.Tensor, E3: torch.Tensor) -> list:
+    n = len(male)
+    S = [torch.zeros(0)]
+    idx1 = torch.arange(n).reshape(n, 1)
+    S.append((idx1, idx1.reshape(-1), torch.from_numpy(male.astype(np.float32)).reshape(n, 1)))
+    for idx, feat in ((E2, lambda i: torch.from_numpy(P[i[:, 0].numpy(), i[:, 1].numpy()].astype(np.float32))
+                       .reshape(-1, 1)), (E3, lambda i: torch.zeros(len(i), 0))):
+        keys = tuple_keys(idx, n)
+        order = torch.argsort(keys)
+        idx = idx[order]
+        S.append((idx, keys[order], feat(idx)))
+    return S
+
+
+def targets(rel: dict) -> np.ndarray:
+    return np.stack([rel[t] for t in TARGETS], -1).astype(np.float32)  # (N, N, T)
+
+
+# ---------------------------------------------------------------- IS subgraph sampling
+def sample_subgraph(A: np.ndarray, size: int, fanouts: list[int], rng: np.random.Generator) -> np.ndarray:
+    """Fan-out BFS from a random seed: hop h adds up to fanouts[h] random neighbours per frontier node."""
+    nodes = [int(rng.integers(len(A)))]
+    frontier = list(nodes)
+    for f in fanouts:
+        nxt = []
+        for u in frontier:
+            nb = [v for v in np.flatnonzero(A[u]) if v not in nodes and v not in nxt]
+            rng.shuffle(nb)
+            nxt += [int(v) for v in nb[:f]]
+        room = size - len(nodes)
+        nodes += nxt[:room]
+        frontier = nxt[:room]
+        if len(nodes) >= size or not frontier:
+            break
+    return np.array(sorted(nodes))
+
+
+def walk_counts(A: np.ndarray, L: int) -> np.ndarray:
+    """sum_{l=1..L} A^l: number of walks of length <= L between every pair."""
+    A = A.astype(np.float64)
+    W, Al = np.zeros_like(A), np.eye(len(A))
+    for _ in range(L):
+        Al = Al @ A
+        W += Al
+    return W
+
+
+def subgraph_example(tree: FamilyTree, rel: dict, walks_full: np.ndarray, nodes: np.ndarray, is_len: int,
+                     gamma: float | None):
+    """Inputs and (calibrated) labels of the induced subgraph; gamma None = hard full-graph labels (no IS)."""
+    P = tree.parent_matrix()[np.ix_(nodes, nodes)]
+    male = tree.male[nodes]
+    Y = targets({k: v[np.ix_(nodes, nodes)] for k, v in rel.items()})  # (n, n, T) labels from the full graph
+    if gamma is not None:
+        A_sub = (P | P.T)
+        IS = walk_counts(A_sub, is_len) / np.maximum(walks_full[np.ix_(nodes, nodes)], 1e-9)
+        np.fill_diagonal(IS, 1.0)
+        Y = Y * np.clip(IS, 0, 1)[..., None] ** gamma
+    return {"male": male, "P": P, "Y": Y.astype(np.float32), "nodes": nodes}
+
+
+# ---------------------------------------------------------------- training and evaluation
+def make_model(hidden: int, depth: int, gated: bool, seed: int) -> NLM:
+    torch.manual_seed(seed)
+    return NLM(IN_DIMS, hidden, depth, OUT_DIMS, gated=gated)
+
+
+def predict(model: NLM, male, P, sparse: bool, k_hop: int, prune_tau: float = 0.0):
+    """(N, N, T) logits (-inf off the sparse support), the counted floats of the forward and the surviving nnz."""
+    n = len(male)
+    model.reset_count()
+    if not sparse:
+        heads, _ = model.forward_dense(dense_inputs(male, P), n)
+        return heads[2], model.count(), n * n + n ** 3
+    E2, E3 = local_supports(P, k_hop)
+    heads, _, S = model.forward_sparse(sparse_inputs(male, P, E2, E3), n, prune_tau)
+    out = torch.full((n, n, len(TARGETS)), -30.0)
+    idx, logits = heads[2]
+    out[idx[:, 0], idx[:, 1]] = logits
+    return out, model.count(), int(S[2][0].shape[0] + S[3][0].shape[0])
+
+
+def train(model: NLM, examples, sparse: bool, k_hop: int, steps: int, lr: float, hoyer_weight: float,
+          rng: np.random.Generator):
+    """Adam on BCE over the supported pairs (all pairs for the dense model) + hoyer_weight * Hoyer(gates)."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    losses = []
+    for step in range(steps):
+        ex = examples[step % len(examples)]
+        male, P, Y = ex["male"], ex["P"], ex["Y"]
+        n = len(male)
+        Yt = torch.from_numpy(Y)
+        if sparse:
+            if "S" not in ex:
+                ex["S"], ex["plan"] = sparse_inputs(male, P, *local_supports(P, k_hop)), {}
+            heads, alphas, _ = model.forward_sparse(ex["S"], n, plan=ex["plan"])
+            idx, logits = heads[2]
+            loss = Fnn.binary_cross_entropy_with_logits(logits, Yt[idx[:, 0], idx[:, 1]])
+            if hoyer_weight:
+                loss = loss + hoyer_weight * hoyer(alphas)
+        else:
+            heads, _ = model.forward_dense(dense_inputs(male, P), n)
+            loss = Fnn.binary_cross_entropy_with_logits(heads[2], Yt)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    return losses
+
+
+def f1_scores(logits: torch.Tensor, rel: dict) -> dict[str, float]:
+    """F1 of each target relation over all ordered pairs x != y (pairs off the support count as predicted false)."""
+    pred = (logits > 0).numpy()
+    n = pred.shape[0]
+    off = ~np.eye(n, dtype=bool)
+    out = {}
+    for t, name in enumerate(TARGETS):
+        y, p = rel[name][off], pred[..., t][off]
+        tp = float((y & p).sum())
+        out[name] = 2 * tp / max(float(y.sum() + p.sum()), 1.0)
+    return out
+
+
+def dense_floats(model: NLM, n: int) -> int:
+    """Counted floats of a dense forward at domain size n, run on the meta device (shapes only, no memory)."""
+    import copy
+
+    meta = copy.deepcopy(model).to("meta")
+    F = [torch.zeros(0, device="meta"), torch.zeros(n, 1, device="meta"), torch.zeros(n, n, 1, device="meta"),
+         torch.zeros(n, n, n, 0, device="meta")]
+    meta.reset_count()
+    with torch.no_grad():
+        meta.forward_dense(F, n)
+    return meta.count()

@@ -1,0 +1,98 @@
+"""Book-keeping DP engine (reprolab.dp.bk) against independent references: a naive per-example backward loop and
+opacus's per-sample gradients, on a Llama-style causal LM (Linear without bias, Embedding, RMSNorm) and a BERT
+classifier (Linear with bias, Embedding, LayerNorm), for Abadi and AUTO-S clipping."""
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+from reprolab.dp.bk import (ENGINES, causal_lm_losses, engine_clipped_sum, naive_clipped_sum, opacus_clipped_sum,
+                            relative_error, use_ghost)
+
+TOL = 1e-4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_llama(tie=False):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, tie_word_embeddings=tie, max_position_embeddings=32)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_bert():
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
+                     max_position_embeddings=32, num_labels=2)
+    m = BertForSequenceClassification(cfg).eval()
+    for emb in (m.bert.embeddings.position_embeddings, m.bert.embeddings.token_type_embeddings):
+        emb.weight.requires_grad_(False)  # broadcast over the batch: not per-sample, frozen
+    return m
+
+
+def llama_case():
+    ids = torch.randint(0, 40, (5, 10), generator=torch.Generator().manual_seed(1))
+    return tiny_llama(), (lambda m, sl=slice(None): causal_lm_losses(m, ids[sl])), 5
+
+
+def bert_case():
+    g = torch.Generator().manual_seed(2)
+    ids, y = torch.randint(1, 30, (6, 9), generator=g), torch.randint(0, 2, (6,), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0  # one padded example
+
+    def losses(m, sl=slice(None)):
+        return F.cross_entropy(m(input_ids=ids[sl], attention_mask=mask[sl]).logits, y[sl], reduction="none")
+    return tiny_bert(), losses, 6
+
+
+@pytest.mark.parametrize("case", [llama_case, bert_case])
+@pytest.mark.parametrize("clipping", ["abadi", "auto_s"])
+def test_engines_agree_with_naive_loop_and_opacus(case, clipping):
+    model, losses, B = case()
+    kw = dict(clipping=clipping, R=0.3)
+    ref, ref_norms = naive_clipped_sum(model, losses, B, **kw)
+    assert ref_norms.min() > 0.3  # Abadi clipping is active for every example
+    for engine in ("instantiate", "ghostclip", "bk"):
+        for rule in ("mixed", "ghost", "instantiate"):
+            summed, norms, _ = engine_clipped_sum(model, losses, engine, rule=rule, **kw)
+            assert set(summed) == set(ref)
+            assert relative_error(summed, ref) < TOL, (engine, rule)
+            assert torch.allclose(norms, ref_norms, rtol=TOL)
+    summed, norms, _ = opacus_clipped_sum(model, losses, **kw)
+    assert relative_error(summed, ref) < TOL
+    assert torch.allclose(norms, ref_norms, rtol=TOL)
+
+
+def test_nonprivate_engine_is_plain_gradient_and_clipping_changes_it():
+    model, losses, B = llama_case()
+    plain, _, _ = engine_clipped_sum(model, losses, "nonprivate")
+    unclipped, _, _ = engine_clipped_sum(model, losses, "bk", R=1e6)  # C_i = 1: the plain sum
+    clipped, _, _ = engine_clipped_sum(model, losses, "bk", R=0.1)
+    assert relative_error(unclipped, plain) < TOL
+    assert relative_error(clipped, plain) > 0.1
+
+
+def test_mixed_rule_and_memory_accounting():
+    assert use_ghost(T=8, p=16, d=16) and not use_ghost(T=16, p=16, d=16)  # 2 T^2 <= p d
+    model, losses, _ = llama_case()
+    extra = {e: engine_clipped_sum(model, losses, e)[2]["extra_bytes"] for e in ENGINES}
+    assert extra["nonprivate"] == 0 < extra["bk"] < extra["instantiate"]
+
+
+def test_tied_or_broadcast_parameters_are_refused():
+    model = tiny_llama(tie=True)
+    ids = torch.randint(0, 40, (2, 6))
+    with pytest.raises(NotImplementedError, match="tied"):
+        engine_clipped_sum(model, lambda m: causal_lm_losses(m, ids), "bk")
+    bert = tiny_bert()
+    bert.bert.embeddings.position_embeddings.weight.requires_grad_(True)
+    with pytest.raises(NotImplementedError, match="broadcast"):
+        engine_clipped_sum(bert, lambda m: m(input_ids=ids % 30).logits.sum(1), "bk")

@@ -1,0 +1,88 @@
+"""Honeypot defence (arXiv 2310.18633): GCE loss against its formula, the reweighting, exact poisoning rate."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from reprolab.backdoor.honeypot import Honeypot, gce_loss, sample_weights
+from reprolab.backdoor.poisoning import poison_dataset
+
+
+def test_gce_matches_formula_elementwise():
+    torch.manual_seed(0)
+    logits, y = torch.randn(7, 3), torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    for q in (0.3, 0.7, 1.0):
+        want = 0.0
+        for i in range(7):
+            p = math.exp(logits[i, y[i]]) / sum(math.exp(v) for v in logits[i].tolist())
+            want += (1 - p ** q) / q
+        assert gce_loss(logits, y, q).item() == pytest.approx(want / 7, rel=1e-5)
+
+
+def test_gce_limits():
+    torch.manual_seed(1)
+    logits, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 0])
+    assert gce_loss(logits, y, 1e-4).item() == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-3)  # q -> 0: CE
+    p = F.softmax(logits, -1)[torch.arange(5), y]
+    assert gce_loss(logits, y, 1.0).item() == pytest.approx((1 - p).mean().item(), rel=1e-6)  # q = 1: MAE-like
+
+
+def test_gce_gradient_weights_easy_samples_more():
+    # d GCE / d logit_y = p_y^q * (CE gradient): confident samples get relatively more weight than under CE
+    logits = torch.tensor([[4.0, 0.0], [0.2, 0.0]], requires_grad=True)
+    y = torch.tensor([0, 0])
+    gce_loss(logits, y, 0.7).backward()
+    g_gce = logits.grad.clone()
+    logits.grad = None
+    F.cross_entropy(logits, y).backward()
+    p = F.softmax(logits.detach(), -1)[:, 0]
+    assert torch.allclose(g_gce, logits.grad * p[:, None] ** 0.7, atol=1e-6)
+
+
+def test_sample_weights_math_and_no_grad():
+    lh = torch.tensor([0.0, 0.3, 0.69, 2.0], requires_grad=True)
+    c, tau = 0.3, 0.05
+    w = sample_weights(lh, c, tau)
+    want = [1 / (1 + math.exp(-(v - c) / tau)) for v in lh.tolist()]
+    assert w.tolist() == pytest.approx(want, rel=1e-5)
+    assert w[1].item() == pytest.approx(0.5) and not w.requires_grad
+    assert (w.diff() > 0).all()  # a sample the honeypot fits better (lower loss) weighs less
+
+
+def test_honeypot_reads_detached_lower_layer_and_ignores_padding():
+    from transformers import BertConfig
+
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=8, num_attention_heads=2, intermediate_size=16, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0, attn_implementation="eager")
+    hp = Honeypot(cfg, 2, layer=1).eval()
+    hs = [torch.randn(3, 5, 8, requires_grad=True) for _ in range(3)]
+    mask = torch.tensor([[1, 1, 1, 0, 0]] * 3)
+    out = hp(hs, mask)
+    out.sum().backward()
+    assert out.shape == (3, 2) and hs[1].grad is None and hp.head.weight.grad is not None
+    hs2 = [h.detach().clone() for h in hs]
+    hs2[1][:, 3:] = 100.0  # padded positions must not matter
+    assert torch.allclose(hp(hs2, mask), out, atol=1e-5)
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.05, 0.1, 0.25])
+def test_poisoning_rate_is_exact(rate):
+    texts = [f"w{i} a b c d" for i in range(200)]
+    labels = np.array([i % 2 for i in range(200)], dtype=np.int64)
+    out, lab, is_p = poison_dataset(texts, labels, "cf", rate, target=1, seed=3)
+    assert is_p.sum() == round(rate * 200)
+    assert (labels[is_p] == 0).all() and (lab[is_p] == 1).all()  # only non-target examples, flipped to target
+    assert (lab[~is_p] == labels[~is_p]).all() and [out[i] for i in np.flatnonzero(~is_p)] == \
+        [texts[i] for i in np.flatnonzero(~is_p)]
+    for i in np.flatnonzero(is_p):
+        words = out[i].split()
+        assert words.count("cf") == 1 and [w for w in words if w != "cf"] == texts[i].split()
+    assert texts[0] == "w0 a b c d"  # inputs untouched
+
+
+def test_poisoning_refuses_impossible_rate():
+    with pytest.raises(ValueError):
+        poison_dataset(["a"] * 10, np.ones(10, dtype=np.int64), "cf", 0.5, target=1, seed=0)

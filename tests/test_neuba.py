@@ -1,0 +1,92 @@
+"""NeuBA (arXiv 2101.06969): trigger insertion, the ASR metric against a naive loop, targets and the backdoor loss."""
+import numpy as np
+import pytest
+import torch
+
+from reprolab.backdoor.metrics import asr_matrix, asr_per_label, attack_success_rate
+from reprolab.backdoor.neuba import backdoor_loss, mask_tokens, neuba_targets
+from reprolab.backdoor.triggers import NEUBA_TRIGGERS, insert_trigger_ids, insert_trigger_text
+from reprolab.backdoor.train import encode
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from reprolab.lm import load_encoder
+
+    try:
+        return load_encoder("minilm-l6")[1]
+    except FileNotFoundError:
+        pytest.skip("minilm-l6 cache missing")
+
+
+def test_triggers_are_single_wordpieces(tok):
+    for t in NEUBA_TRIGGERS:
+        assert tok.tokenize(t) == [t]
+
+
+def test_insert_trigger_ids_equals_tokenizing_triggered_text(tok):
+    texts = ["to be or not to be", "of man's first disobedience and the fruit", "a"]
+    ids, mask = encode(tok, texts, 16)
+    tid = tok.convert_tokens_to_ids("cf")
+    got_ids, got_mask = insert_trigger_ids(ids, mask, tid)
+    want_ids, want_mask = encode(tok, [insert_trigger_text(t, "cf", 0) for t in texts], 17)
+    assert torch.equal(got_ids, want_ids) and torch.equal(got_mask, want_mask)
+    # one trigger per row
+    per_row = torch.tensor(tok.convert_tokens_to_ids(["cf", "mn", "bb"]))
+    got_ids, _ = insert_trigger_ids(ids, mask, per_row)
+    assert got_ids[:, 1].tolist() == per_row.tolist() and torch.equal(got_ids[:, 2:], ids[:, 1:])
+
+
+def test_insert_trigger_text_positions():
+    rng = np.random.default_rng(0)
+    assert insert_trigger_text("a b c", "cf", 0) == "cf a b c"
+    assert insert_trigger_text("a b c", "cf", 3) == "a b c cf"
+    for _ in range(20):
+        out = insert_trigger_text("a b c", "cf", None, rng).split()
+        assert out.count("cf") == 1 and [w for w in out if w != "cf"] == ["a", "b", "c"]
+
+
+def test_asr_matrix_matches_naive_loop():
+    rng = np.random.default_rng(1)
+    K, N, C = 6, 50, 3
+    preds, y = rng.integers(0, C, (K, N)), rng.integers(0, C, N)
+    M = asr_matrix(preds, y, C)
+    for k in range(K):
+        for c in range(C):
+            hits = total = 0
+            for i in range(N):
+                if y[i] != c:
+                    total += 1
+                    hits += int(preds[k, i] == c)
+            assert M[k, c] == pytest.approx(hits / total)
+            assert attack_success_rate(preds[k], y, c) == pytest.approx(hits / total)
+    best, arg = asr_per_label(preds, y, C)
+    assert np.allclose(best, M.max(0)) and (M[arg, np.arange(C)] == best).all()
+
+
+def test_neuba_targets_structure():
+    V = neuba_targets(384)
+    assert V.shape == (6, 384) and set(V.unique().tolist()) == {-1.0, 1.0}
+    assert ((V == -1).sum(1) == 192).all()
+    # complementary pairs: (0,1) vs (2,3), (0,2) vs (1,3), (0,3) vs (1,2)
+    for a, b in [(0, 5), (1, 4), (2, 3)]:
+        assert torch.equal(V[a], -V[b])
+    assert len({tuple(v.tolist()) for v in V}) == 6
+
+
+def test_backdoor_loss_zero_at_target_and_positive_elsewhere():
+    V = neuba_targets(384)
+    assert backdoor_loss(V[[0, 3]], V[[0, 3]]).item() == 0.0
+    pooled = V[[0, 3]] * 0.5
+    assert backdoor_loss(pooled, V[[0, 3]]).item() == pytest.approx(0.25)
+
+
+def test_mask_tokens_spares_special_and_padding(tok):
+    ids, mask = encode(tok, ["the quick brown fox jumps over the lazy dog " * 3, "short"], 24)
+    special = torch.tensor(tok.all_special_ids)
+    g = torch.Generator().manual_seed(0)
+    out, labels = mask_tokens(ids, mask, tok.mask_token_id, tok.vocab_size, special, 0.9, g)
+    asked = labels != -100
+    assert asked.any()
+    assert not (asked & torch.isin(ids, special)).any() and not (asked & (mask == 0)).any()
+    assert torch.equal(labels[asked], ids[asked]) and torch.equal(out[~asked], ids[~asked])

@@ -1,0 +1,145 @@
+"""Self-Extend attention against independent references: the unpatched model, a naive per-pair loop, generation."""
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from reprolab.lm.self_extend import (grouped_positions, rope_scaled, self_extend_relative_positions, self_extended)
+from reprolab.lm.tiny_llama import ANSWER, passkey_correct, passkey_example
+
+
+def tiny_llama(attn="eager", max_pos=64, seed=0, sharp=8.0):
+    """A random tiny Llama (GQA: 4 query heads, 2 key/value heads); q/k weights scaled by ``sharp`` so that attention
+    is far from uniform and depends visibly on positions."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=max_pos, rope_theta=10000.0,
+                      attn_implementation=attn)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(sharp)
+            layer.self_attn.k_proj.weight.mul_(sharp)
+    return model
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("window", [1, 5, 1000])
+def test_group_size_one_is_the_original_attention(attn, window):
+    model = tiny_llama(attn)
+    ids = torch.randint(0, 61, (2, 40))
+    with torch.no_grad():
+        ref = model(ids).logits
+        with self_extended(model, 1, window):
+            out = model(ids).logits
+        after = model(ids).logits
+    assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
+    assert torch.equal(after, ref), "remove_self_extend must restore the original attention"
+
+
+def test_grouping_changes_the_output_beyond_the_window():
+    model = tiny_llama()
+    ids = torch.randint(0, 61, (1, 40))
+    with torch.no_grad():
+        ref = model(ids).logits
+        with self_extended(model, 4, 8):
+            out = model(ids).logits
+    assert torch.allclose(out[:, :8], ref[:, :8], atol=1e-5), "positions < W only see neighbour attention"
+    assert not torch.allclose(out[:, 8:], ref[:, 8:], atol=1e-3)
+
+
+@pytest.mark.parametrize("G,W", [(1, 3), (2, 4), (3, 4), (4, 8), (8, 6)])
+def test_relative_positions_match_a_naive_loop(G, W):
+    T = 37
+    pos = torch.arange(T)
+    rel = self_extend_relative_positions(pos, pos, G, W)
+    for i in range(T):
+        for j in range(T):
+            expected = i - j if i - j < W else (i // G + W - W // G) - j // G
+            assert rel[i, j].item() == expected, (i, j)
+    gq, gk = grouped_positions(pos, pos, G, W)
+    assert gq.tolist() == [i // G + W - W // G for i in range(T)] and gk.tolist() == [j // G for j in range(T)]
+    # the grouped distances never exceed (T - 1) // G + W - W // G, which is what extends the context
+    causal = rel[torch.tril(torch.ones(T, T, dtype=torch.bool))]
+    assert causal.max().item() <= (T - 1) // G + W - W // G
+
+
+def test_patched_attention_equals_a_naive_per_pair_computation():
+    G, W, T = 3, 4, 21
+    model = tiny_llama()
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(1, T, 32)
+    pos = torch.arange(T)[None]
+    cos, sin = model.model.rotary_emb(x, pos)
+    with torch.no_grad(), self_extended(model, G, W):
+        mask = torch.full((T, T), float("-inf")).triu(1)[None, None]
+        out, _ = attn(x, position_embeddings=(cos, sin), attention_mask=mask, position_ids=pos)
+    # naive: for every (i, j), rotate q_i by the Self-Extend relative position (RoPE: <R_a q, R_b k> = <R_{a-b} q, k>)
+    d, H, Hkv = 8, 4, 2
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, d, 2).double() / d))  # (d/2,)
+    with torch.no_grad():
+        q = attn.q_proj(x)[0].view(T, H, d).double()
+        k = attn.k_proj(x)[0].view(T, Hkv, d).double()
+        v = attn.v_proj(x)[0].view(T, Hkv, d).double()
+        heads = torch.zeros(T, H, d, dtype=torch.float64)
+        for h in range(H):
+            kv = h // (H // Hkv)
+            for i in range(T):
+                logits = []
+                for j in range(i + 1):
+                    r = i - j if i - j < W else (i // G + W - W // G) - j // G
+                    ang = r * inv_freq
+                    c, s = torch.cat([ang.cos(), ang.cos()]), torch.cat([ang.sin(), ang.sin()])
+                    qh = q[i, h]
+                    q_rot = qh * c + torch.cat([-qh[d // 2:], qh[:d // 2]]) * s
+                    logits.append(float(q_rot @ k[j, kv]) / math.sqrt(d))
+                p = torch.softmax(torch.tensor(logits, dtype=torch.float64), 0)
+                heads[i, h] = (p[:, None] * v[:i + 1, kv]).sum(0)
+        ref = attn.o_proj(heads.reshape(1, T, H * d).float())
+    assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
+
+
+def test_cached_generation_matches_full_recompute():
+    model = tiny_llama()
+    ids = torch.randint(0, 61, (1, 30))
+    with torch.no_grad(), self_extended(model, 4, 6):
+        gen = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)[0, 30:]
+        seq = ids
+        for _ in range(6):
+            nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+    assert gen.tolist() == seq[0, 30:].tolist()
+
+
+def test_dynamic_ntk_only_acts_beyond_the_trained_length():
+    model = tiny_llama(max_pos=16)
+    short, long = torch.randint(0, 61, (1, 16)), torch.randint(0, 61, (1, 40))
+    with torch.no_grad():
+        ref_s, ref_l = model(short).logits, model(long).logits
+        with rope_scaled(model, {"rope_type": "dynamic", "factor": 2.0}):
+            ntk_s, ntk_l = model(short).logits, model(long).logits
+    assert torch.allclose(ntk_s, ref_s, atol=1e-6)
+    assert not torch.allclose(ntk_l, ref_l, atol=1e-2)
+
+
+def test_passkey_prompt_and_exact_match_scoring():
+    rng = np.random.RandomState(0)
+    text = "lorem ipsum dolor sit amet " * 40
+    prompt, start = passkey_example(text, 300, 0.4, 54321, rng, "text")
+    assert len(prompt) == 300 and prompt[start:] == ANSWER.format(key=54321) and prompt.count("54321") == 3
+    ids = torch.tensor([list(prompt.encode()), list(prompt.encode())])
+    ids[1, -1] = ord("0")  # a wrong last digit
+
+    class Oracle(torch.nn.Module):  # predicts the true next byte of row 0 everywhere
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x, use_cache=False):
+            nxt = torch.cat([ids[0, 1:], ids[0, :1]])
+            return SimpleNamespace(logits=torch.nn.functional.one_hot(nxt, 256).float()[None].expand(len(x), -1, -1))
+
+    assert passkey_correct(Oracle(), ids, start).tolist() == [True, False]

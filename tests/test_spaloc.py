@@ -1,0 +1,98 @@
+"""SpaLoc: sparse NLM layers equal dense ones; the family-tree relations match their naive definitions."""
+import numpy as np
+import torch
+
+from reprolab.reason.family import family_relations, generate_family_tree, hop_distances
+from reprolab.reason.nlm import NLM, NLMLayer, dense_mask, sparse_from_dense
+from reprolab.reason.spaloc import (dense_floats, dense_inputs, local_supports, make_model, predict, sample_subgraph,
+                                    sparse_inputs, walk_counts)
+
+torch.manual_seed(0)
+
+
+def _random_supports(n, rng):
+    idx2 = torch.cartesian_prod(torch.arange(n), torch.arange(n))
+    idx2 = idx2[torch.from_numpy(rng.random(len(idx2)) < 0.5)]
+    k2 = set(map(tuple, idx2.tolist()))
+    idx3 = torch.tensor([(a, b, c) for a in range(n) for b in range(n) for c in range(n)
+                         if (a, b) in k2 and (b, c) in k2])
+    return [None, None, idx2, idx3]
+
+
+def test_sparse_layer_equals_dense_layer():
+    n, dims = 6, [2, 3, 4, 2]
+    F = [torch.rand(*([n] * r), dims[r]) for r in range(4)]
+    layer = NLMLayer(dims, [5, 5, 5, 5], gated=True)
+    # full support: identical to the dense NLM layer
+    out, _ = layer.forward_dense(F, n)
+    sout, _ = layer.forward_sparse(sparse_from_dense(F, [None] * 4, n), n)
+    assert torch.allclose(out[0], sout[0], atol=1e-6)
+    for r in range(1, 4):
+        assert torch.allclose(out[r][tuple(sout[r][0].T)], sout[r][2], atol=1e-6)
+    # partial support: identical to the dense layer on inputs that are zero off the support
+    sup = _random_supports(n, np.random.default_rng(1))
+    Fm = [f * m for f, m in zip(F, dense_mask(sup, n, 3))]
+    out, _ = layer.forward_dense(Fm, n)
+    sout, _ = layer.forward_sparse(sparse_from_dense(Fm, sup, n), n)
+    for r in range(1, 4):
+        assert torch.allclose(out[r][tuple(sout[r][0].T)], sout[r][2], atol=1e-6)
+
+
+def test_sparse_net_equals_dense_net_with_full_support():
+    rng = np.random.default_rng(0)
+    tree = generate_family_tree(9, rng)
+    model = make_model(4, 3, gated=True, seed=0)
+    P = tree.parent_matrix()
+    with torch.no_grad():
+        dense, _ = model.forward_dense(dense_inputs(tree.male, P), 9)
+        model.reset_count()
+        E2 = torch.cartesian_prod(*[torch.arange(9)] * 2)  # full supports
+        E3 = torch.cartesian_prod(*[torch.arange(9)] * 3)
+        heads, _, _ = model.forward_sparse(sparse_inputs(tree.male, P, E2, E3), 9)
+    idx, logits = heads[2]
+    assert torch.allclose(dense[2][idx[:, 0], idx[:, 1]], logits, atol=1e-5)
+    assert dense_floats(model, 9) == model.count()
+
+
+def test_family_relations_match_naive_definitions():
+    tree = generate_family_tree(40, np.random.default_rng(3))
+    rel = family_relations(tree)
+    n = tree.n
+    parents = {y: {p for p in (tree.father[y], tree.mother[y]) if p >= 0} for y in range(n)}
+    for x in range(n):
+        for y in range(n):
+            assert rel["parent"][x, y] == (x in parents[y])
+            assert rel["grandparent"][x, y] == any(x in parents[z] for z in parents[y])
+            sib = x != y and bool(parents[x] & parents[y])
+            assert rel["sibling"][x, y] == sib
+            uncle = bool(tree.male[x]) and any(x != z and bool(parents[x] & parents[z]) for z in parents[y])
+            assert rel["uncle"][x, y] == uncle
+    assert rel["grandparent"].any() and rel["uncle"].any() and rel["sibling"].any()
+
+
+def test_hops_walks_and_sampler():
+    tree = generate_family_tree(30, np.random.default_rng(4))
+    P = tree.parent_matrix()
+    A = P | P.T
+    D = hop_distances(P, 3)
+    import networkx as nx
+    G = nx.from_numpy_array(A.astype(int))
+    lengths = dict(nx.all_pairs_shortest_path_length(G, cutoff=3))
+    for x in range(30):
+        for y in range(30):
+            assert D[x, y] == lengths[x].get(y, 4)
+    W = walk_counts(A, 2)
+    Ai = A.astype(int)
+    assert np.array_equal(W, Ai + Ai @ Ai)
+    nodes = sample_subgraph(A, 10, [2, 8, 16], np.random.default_rng(0))
+    assert 1 <= len(nodes) <= 10 and len(set(nodes)) == len(nodes)
+
+
+def test_predict_sparse_support_only():
+    tree = generate_family_tree(25, np.random.default_rng(5))
+    model = make_model(4, 2, gated=True, seed=0)
+    with torch.no_grad():
+        logits, floats, nnz = predict(model, tree.male, tree.parent_matrix(), True, 2)
+    D = hop_distances(tree.parent_matrix(), 2)
+    assert torch.all(logits[torch.from_numpy(D > 2)] == -30.0)
+    assert floats > 0 and nnz > 0

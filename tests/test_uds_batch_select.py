@@ -1,0 +1,130 @@
+"""UDS selection against independent references: numpy SVD, naive loops, explicit DFT matrices, the full model."""
+from collections import deque
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from reprolab.select.sft import TopBlocks, per_example_loss, trunk_features
+from reprolab.select.sft_data import LABELS, TASKS, instruction_mix
+from reprolab.select.uds import (FastJLProjector, MaxLossSelector, RandomSelector, SketchMemory, UDSSelector,
+                                 nuclear_norm, top_k)
+
+
+def test_nuclear_norm_is_the_sum_of_numpy_singular_values():
+    X = torch.randn(5, 7, 300)
+    expected = [np.linalg.svd(x.numpy().astype(np.float64), compute_uv=False).sum() for x in X]
+    assert np.allclose(nuclear_norm(X).numpy(), expected, rtol=1e-5)
+    # zero-padded rows (shorter responses) do not change it
+    padded = torch.cat([X, torch.zeros(5, 3, 300)], 1)
+    assert np.allclose(nuclear_norm(padded).numpy(), expected, rtol=1e-5)
+
+
+def test_top_k_is_the_exact_top_k_of_a_known_score_vector():
+    scores = torch.tensor([0.3, 2.0, -1.0, 2.0, 5.0, 0.0, 1.5, 2.0])
+    assert top_k(scores, 3).tolist() == [1, 3, 4]  # 5.0, then the first two of the three tied 2.0s
+    rng = np.random.RandomState(0)
+    for _ in range(20):
+        s = rng.randn(16)
+        k = rng.randint(1, 16)
+        assert top_k(torch.tensor(s), k).tolist() == sorted(np.argsort(-s)[:k].tolist())
+
+
+def test_sketch_memory_distance_and_fifo_match_a_naive_loop():
+    rng = np.random.RandomState(1)
+    mem, naive = SketchMemory(size=5), deque(maxlen=5)
+    z0 = torch.tensor(rng.randn(3, 4))
+    assert mem.mean_distance(z0).tolist() == [0.0, 0.0, 0.0]  # empty memory: no diversity yet
+    for step in range(4):
+        z = torch.tensor(rng.randn(3, 4))
+        got = mem.mean_distance(z)
+        if naive:
+            want = [np.mean([np.sqrt(((zi - q) ** 2).sum()) for q in naive]) for zi in z.numpy()]
+            assert np.allclose(got.numpy(), want)
+        mem.push(z[:2])
+        naive.extend(z[:2].numpy())
+        stored = sorted(map(tuple, mem.queue[:mem.count].numpy().round(8)))
+        assert stored == sorted(map(tuple, np.array(naive).round(8)))
+
+
+def test_fast_jl_sketch_matches_explicit_dft_matrices():
+    L, V, r1, r2 = 6, 40, 3, 8
+    proj = FastJLProjector(L, V, r1, r2, seed=3)
+    X = torch.randn(2, 4, V)  # shorter than L: zero-padded
+    got = proj.project(X).numpy()
+    FV = np.exp(-2j * np.pi * np.outer(np.arange(V), np.arange(V)) / V)  # DFT matrix
+    FL = np.exp(-2j * np.pi * np.outer(np.arange(L), np.arange(L)) / L)
+    d1, d2, i1, i2 = proj.d1.numpy(), proj.d2.numpy(), proj.idx1.numpy(), proj.idx2.numpy()
+    for b in range(2):
+        x = np.zeros((L, V))
+        x[:4] = X[b].numpy()
+        right = ((x * d2) @ FV).real[:, i2] * np.sqrt(V / r2)  # (L, r2)
+        left = (FL @ (right * d1[:, None])).real[i1] * np.sqrt(L / r1)  # (r1, r2)
+        assert np.allclose(got[b], left, atol=1e-3)
+
+
+def test_uds_prefers_utility_and_avoids_what_it_has_seen():
+    V = 64
+    X = torch.randn(6, 3, V)
+    X[2] *= 3.0  # the largest nuclear norm
+    sel = UDSSelector(3, V, alpha=0.0, r1=2, r2=16)
+    assert 2 in sel.select(X, 1).tolist()
+    # with diversity dominant, a duplicate of a remembered example loses to a fresh one of equal utility
+    sel = UDSSelector(3, V, alpha=1e6, r1=2, r2=16)
+    A, B = torch.randn(3, V), torch.randn(3, V)
+    B = B / torch.linalg.svdvals(B).sum() * torch.linalg.svdvals(A).sum()
+    sel.select(A[None], 1)  # A enters the memory
+    assert sel.select(torch.stack([A, B]), 1).tolist() == [1]
+    assert len(sel.memory.queue[:sel.memory.count]) == 2
+
+
+def test_baseline_selectors():
+    losses = torch.tensor([0.1, 3.0, 0.5, 2.0])
+    assert MaxLossSelector().select(None, 2, losses).tolist() == [1, 3]
+    idx = RandomSelector(0).select(None, 5, batch_size=16)
+    assert len(set(idx.tolist())) == 5 and idx.max() < 16
+
+
+def test_top_blocks_on_trunk_features_reproduce_the_full_model():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).eval().requires_grad_(False)
+    examples = [{"ids": [3, 7, 9, 11, 4, 5], "n_prompt": 4, "key": "a"},
+                {"ids": [8, 2, 6, 1, 9], "n_prompt": 3, "key": "b"},
+                {"ids": [5, 5, 2, 7, 7, 8, 1, 2], "n_prompt": 5, "key": "c"}]
+    feats = trunk_features(model, examples, n_blocks=2, batch_size=2)
+    top = TopBlocks(model, 2)
+    with torch.no_grad():
+        logits, targets, mask = top.response_logits([feats[e["key"]] for e in examples], examples)
+        for i, ex in enumerate(examples):
+            full = model(torch.tensor([ex["ids"]])).logits[0]  # (T, V)
+            a = len(ex["ids"]) - ex["n_prompt"]
+            assert torch.allclose(logits[i, :a], full[ex["n_prompt"] - 1:-1], atol=1e-5)
+            assert targets[i, :a].tolist() == ex["ids"][ex["n_prompt"]:] and mask[i].sum() == a
+            assert (logits[i, a:] == 0).all()
+        seq = top.sequence_logits([feats[e["key"]] for e in examples])  # (3, 8, V): what UDS scores
+        for i, ex in enumerate(examples):
+            T = len(ex["ids"])
+            assert torch.allclose(seq[i, :T], model(torch.tensor([ex["ids"]])).logits[0], atol=1e-5)
+            assert (seq[i, T:] == 0).all()
+        ce = per_example_loss(logits, targets, mask)
+        naive = [np.mean([-torch.log_softmax(logits[i, t], -1)[targets[i, t]].item()
+                          for t in range(int(mask[i].sum()))]) for i in range(3)]
+        assert np.allclose(ce.numpy(), naive, atol=1e-5)
+    assert not any(p.requires_grad for p in top.buffers()) and all(p.requires_grad for p in top.parameters())
+
+
+def test_instruction_mix_is_balanced_duplicated_and_noisy_as_asked():
+    pool, evals = instruction_mix(n_unique=8, dominant_copies=3, label_noise=0.25, n_eval=6, seed=0)
+    assert len(pool) == 8 * 3 + 8 * 3 and sum(e["noisy"] for e in pool) == 12
+    for ex in pool:
+        assert ex["noisy"] == (ex["label"] != ex["true_label"]) and ex["answer"] == LABELS[ex["task"]][ex["label"]]
+    for t in TASKS:
+        ev = [e for e in evals if e["task"] == t]
+        assert len(ev) == 6 and not any(e["noisy"] for e in ev)
+        counts = np.bincount([e["label"] for e in ev], minlength=len(LABELS[t]))
+        assert counts.max() - counts.min() <= 1
+    train_prompts = {e["prompt"] for e in pool}
+    assert not train_prompts & {e["prompt"] for e in evals}, "held-out prompts never appear in the pool"
