@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from reprolab.select.sft import TopBlocks, per_example_loss, trunk_features
 from reprolab.select.sft_data import LABELS, TASKS, instruction_mix
 from reprolab.select.uds import (FastJLProjector, MaxLossSelector, RandomSelector, SketchMemory, UDSSelector,
-                                 nuclear_norm, top_k)
+                                 nuclear_norm, nuclear_norm_from_hidden, top_k)
 
 
 def test_nuclear_norm_is_the_sum_of_numpy_singular_values():
@@ -62,6 +62,24 @@ def test_fast_jl_sketch_matches_explicit_dft_matrices():
         right = ((x * d2) @ FV).real[:, i2] * np.sqrt(V / r2)  # (L, r2)
         left = (FL @ (right * d1[:, None])).real[i1] * np.sqrt(L / r1)  # (r1, r2)
         assert np.allclose(got[b], left, atol=1e-3)
+
+
+def test_hidden_state_shortcut_equals_the_logits_path():
+    torch.manual_seed(0)
+    L, d, V = 7, 16, 500
+    W = torch.randn(V, d)  # a frozen linear head
+    H = torch.randn(4, 5, d)
+    H[1, 3:] = 0  # a shorter sequence: zero rows past its end
+    X = H @ W.T  # (4, 5, V) the logits
+    svd = [np.linalg.svd(x.numpy().astype(np.float64), compute_uv=False).sum() for x in X]
+    assert np.allclose(nuclear_norm_from_hidden(H, W.T @ W).numpy(), svd, rtol=1e-4)
+    proj = FastJLProjector(L, V, r1=4, r2=32, seed=1)
+    assert torch.allclose(proj.project_hidden(H, proj.head_factor(W)), proj.project(X), rtol=1e-3, atol=1e-2)
+    a, b = UDSSelector(L, V, r1=4, r2=32, alpha=1.0), UDSSelector(L, V, r1=4, r2=32, alpha=1.0)
+    for step in range(3):
+        H = torch.randn(8, 5, d)
+        assert a.select(H @ W.T, 3).tolist() == b.select_hidden(H, W, 3).tolist()
+    assert torch.allclose(a.memory.queue[:a.memory.count], b.memory.queue[:b.memory.count], rtol=1e-3, atol=1e-2)
 
 
 def test_uds_prefers_utility_and_avoids_what_it_has_seen():

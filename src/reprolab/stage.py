@@ -67,7 +67,7 @@ def run_stage(slug: str, profile: str | None = None, results_root: Path = RESULT
     final = results_root / slug
     executed = build / f"{slug}.ipynb"
 
-    env = dict(os.environ, DGLBACKEND="pytorch", PYTHONHASHSEED="0", TQDM_MININTERVAL="5")
+    env = dict(os.environ, DGLBACKEND="pytorch", PYTHONHASHSEED="0", TQDM_MININTERVAL="5", OMP_WAIT_POLICY="PASSIVE")
     cmd = [sys.executable, "-m", "papermill", str(notebook), str(executed), "--kernel", "python3", "--log-output",
            "--cwd", str(REPO_ROOT), "-p", "paper", slug, "-p", "profile", profile, "-p", "out_dir", str(staging)]
     print(f"[{slug}] executing {notebook.name} (profile={profile})", flush=True)

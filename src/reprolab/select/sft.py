@@ -70,15 +70,17 @@ class TopBlocks(nn.Module):
             h = layer(h, attention_mask=None, position_embeddings=pe)
         return self.norm(h)  # (B, T, d)
 
-    def sequence_logits(self, feats: list[torch.Tensor]) -> torch.Tensor:
-        """Logits at every position of every sequence: (B, T_max, V), rows past a sequence's end exactly zero.
-
-        This is the matrix UDS scores (the official code scores the whole sequence's logits, whatever the loss mask)."""
+    def sequence_hidden(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """Final hidden states of every sequence (B, T_max, d), rows past a sequence's end exactly zero; the logits
+        UDS scores (the whole sequence's, as in the official trainer, whatever the loss mask) are these @ head.T."""
         T = max(f.shape[0] for f in feats)
         h = torch.stack([torch.cat([f, f.new_zeros(T - f.shape[0], f.shape[1])]) for f in feats])  # (B, T, d)
-        logits = self(h) @ self.head.T  # (B, T, V)
         lens = torch.tensor([f.shape[0] for f in feats], device=h.device)
-        return logits * (torch.arange(T, device=h.device)[None] < lens[:, None])[..., None]
+        return self(h) * (torch.arange(T, device=h.device)[None] < lens[:, None])[..., None]  # (B, T, d)
+
+    def sequence_logits(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """Logits at every position: (B, T_max, V), rows past a sequence's end exactly zero."""
+        return self.sequence_hidden(feats) @ self.head.T
 
     def response_logits(self, feats: list[torch.Tensor], examples: list[dict]):
         """Logits at the response positions: (B, A, V) zero-padded, targets (B, A), mask (B, A)."""
@@ -104,11 +106,20 @@ def per_example_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Te
     return (nll * mask).sum(1) / mask.sum(1)
 
 
+def length_grouped_order(lengths, batch_size: int, rng: np.random.RandomState, mega: int = 50) -> list[int]:
+    """Hugging Face's ``group_by_length`` order (as the official UDS run uses): a random permutation cut into
+    megabatches of ``mega * batch_size``, each sorted by decreasing length, so that a batch holds similar lengths."""
+    perm = rng.permutation(len(lengths))
+    size = mega * batch_size
+    return [int(j) for b in range(0, len(perm), size) for j in sorted(perm[b:b + size], key=lambda j: -lengths[j])]
+
+
 def train_arm(model, feats: dict, pool: list[dict], selector, n_blocks: int, epochs: int, batch_size: int, k: int,
-              lr: float, seed: int, progress=None):
+              lr: float, seed: int, group_by_length: bool = True, progress=None):
     """Fine-tune a fresh :class:`TopBlocks` over ``epochs`` passes of candidate batches of ``batch_size`` (same order
     for every arm, from ``seed``), back-propagating the ``k`` examples picked by ``selector`` (all of them if None).
 
+    With ``group_by_length`` the candidate batches hold examples of similar length (:func:`length_grouped_order`).
     Returns (top, log) with the selected examples' tasks/noise flags, counted forward/backward tokens and wall time."""
     torch.manual_seed(seed)
     top = TopBlocks(model, n_blocks)
@@ -116,8 +127,9 @@ def train_arm(model, feats: dict, pool: list[dict], selector, n_blocks: int, epo
     rng = np.random.RandomState(seed)
     log = {"selected": [], "loss": [], "fwd_tokens": 0, "bwd_tokens": 0}
     t0 = time.perf_counter()
+    lengths = [len(ex["ids"]) for ex in pool]
     for _ in range(epochs):
-        order = rng.permutation(len(pool))
+        order = length_grouped_order(lengths, batch_size, rng) if group_by_length else rng.permutation(len(pool))
         for b in range(0, len(order) - batch_size + 1, batch_size):
             batch = [pool[i] for i in order[b:b + batch_size]]
             f = [feats[ex["key"]] for ex in batch]
@@ -127,14 +139,12 @@ def train_arm(model, feats: dict, pool: list[dict], selector, n_blocks: int, epo
                 idx = selector.select(None, k, batch_size=len(batch))
             else:  # one forward pass without gradients over all candidates, then score
                 with torch.no_grad():
-                    if selector.needs == "losses":
-                        logits, targets, mask = top.response_logits(f, batch)
-                        losses = per_example_loss(logits, targets, mask)
+                    if selector.needs == "hidden":  # UDS: scores of the logits hidden @ head.T, computed exactly
+                        idx = selector.select_hidden(top.sequence_hidden(f), top.head, k)
                     else:
-                        logits, losses = top.sequence_logits(f), None  # (B, T, V)
+                        logits, targets, mask = top.response_logits(f, batch)
+                        idx = selector.select(logits, k, per_example_loss(logits, targets, mask))
                 log["fwd_tokens"] += sum(len(ex["ids"]) for ex in batch)
-                idx = selector.select(logits, k, losses)
-                del logits
             chosen = [batch[i] for i in idx.tolist()]
             logits, targets, mask = top.response_logits([f[i] for i in idx.tolist()], chosen)
             nll = nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (k, A)

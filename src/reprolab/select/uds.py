@@ -12,6 +12,12 @@ forward pass without gradients gives each example's logits matrix X_i (L x V); t
   enter the memory (1024 entries).
 
 No reference model and no validation set are needed, and only K of B examples are back-propagated.
+
+When the logits come from a frozen linear head, X = H W^T with hidden states H (L x d) and head W (V x d), both
+scores are computed exactly without forming X (:meth:`UDSSelector.select_hidden`): the singular values of X are the
+square roots of the eigenvalues of the L x L Gram matrix H (W^T W) H^T, and the sketch is linear in X, so
+S(X) = P_L H (W^T P_V) with the cosine (real-FFT) matrices P of :class:`FastJLProjector`. Same numbers, no L x V
+matrix per example.
 """
 from __future__ import annotations
 
@@ -22,6 +28,18 @@ import torch
 def nuclear_norm(logits: torch.Tensor) -> torch.Tensor:
     """Utility: ||X_i||_* for every example: (B, L, V) -> (B,)."""
     return torch.linalg.svdvals(logits.float()).sum(-1)  # (B, min(L, V)) -> (B,)
+
+
+def nuclear_norm_from_hidden(H: torch.Tensor, WtW: torch.Tensor) -> torch.Tensor:
+    """||H W^T||_* from hidden states H (B, L, d) and W^T W (d, d): sum of sqrt(eig(H W^T W H^T)). (B,)"""
+    G = (H.float() @ WtW.float() @ H.float().transpose(1, 2)).double()  # (B, L, L) Gram matrix of the logits rows
+    return torch.linalg.eigvalsh(G).clamp(min=0).sqrt().sum(-1).float()
+
+
+def _cos_matrix(rows: torch.Tensor, n: int, cols: torch.Tensor) -> torch.Tensor:
+    """Real part of the DFT matrix restricted to ``rows`` x ``cols``: cos(2 pi r c / n), angles reduced exactly."""
+    phase = (rows.long()[:, None] * cols.long()[None, :]) % n  # (R, C) integers: no float error in r * c
+    return torch.cos(2 * torch.pi * phase.double() / n).float()
 
 
 class FastJLProjector:
@@ -51,6 +69,18 @@ class FastJLProjector:
         X = torch.fft.fft(X * self.d1.to(dev)[None, :, None], dim=1).real[:, self.idx1.to(dev)]  # (B, r1, r2)
         X = X * self.scale_l
         return X.contiguous()
+
+    def head_factor(self, W: torch.Tensor) -> torch.Tensor:
+        """W^T P_V (d, r2), with P_V[v, j] = d2[v] cos(2 pi v idx2[j] / V) * sqrt(V / r2): the right transform of
+        :meth:`project` applied to the head, so that the right-transformed logits are H @ head_factor(W)."""
+        P_V = self.d2[:, None] * _cos_matrix(torch.arange(self.V), self.V, self.idx2) * self.scale_r  # (V, r2)
+        return W.float().T @ P_V.to(W.device)  # (d, r2)
+
+    def project_hidden(self, H: torch.Tensor, head_factor: torch.Tensor) -> torch.Tensor:
+        """Sketch of the logits H W^T without forming them: (B, L, d) -> (B, r1, r2), equal to ``project(H @ W.T)``."""
+        B, L, d = H.shape
+        P_L = _cos_matrix(self.idx1, self.L, torch.arange(self.L)) * self.d1[None, :] * self.scale_l  # (r1, L_max)
+        return P_L[:, :L].to(H.device) @ (H.float() @ head_factor)  # (B, r1, r2)
 
 
 class SketchMemory:
@@ -84,25 +114,35 @@ class UDSSelector:
     """Score a batch's logits with utility + alpha * diversity, return the top-k and remember their sketches."""
 
     name = "uds"
-    needs = "logits"
+    needs = "hidden"  # hidden states + frozen head (exact shortcut); ``select`` also takes logits directly
 
     def __init__(self, L: int, V: int, alpha: float = 2.5e-3, r1: int = 8, r2: int = 128, memory: int = 1024,
                  seed: int = 0):
         self.alpha = alpha
         self.projector = FastJLProjector(L, V, r1, r2, seed)
         self.memory = SketchMemory(memory)
-        self.last = {}
+        self.last, self._head = {}, None
 
-    @torch.no_grad()
-    def select(self, logits: torch.Tensor, k: int, losses: torch.Tensor | None = None) -> torch.Tensor:
-        utility = nuclear_norm(logits)  # (B,)
-        z = self.projector.project(logits).flatten(1)  # (B, r1 * r2)
+    def _pick(self, utility: torch.Tensor, z: torch.Tensor, k: int) -> torch.Tensor:
         diversity = self.memory.mean_distance(z)  # (B,)
         score = utility + self.alpha * diversity  # (B,)
         idx = top_k(score, k)
-        self.memory.push(z[idx])
+        self.memory.push(z[idx.to(z.device)])
         self.last = {"utility": utility, "diversity": diversity, "score": score}
         return idx
+
+    @torch.no_grad()
+    def select(self, logits: torch.Tensor, k: int, losses: torch.Tensor | None = None) -> torch.Tensor:
+        """Top-k of a batch's logits (B, L, V) (rows past a sequence's end zero)."""
+        return self._pick(nuclear_norm(logits), self.projector.project(logits).flatten(1), k)
+
+    @torch.no_grad()
+    def select_hidden(self, H: torch.Tensor, W: torch.Tensor, k: int) -> torch.Tensor:
+        """Same scores for logits H W^T from hidden states H (B, L, d) (zero rows past each end) and a frozen head W."""
+        if self._head is None or self._head[0] is not W:
+            self._head = (W, W.float().T @ W.float(), self.projector.head_factor(W))  # cached: the head is frozen
+        _, WtW, factor = self._head
+        return self._pick(nuclear_norm_from_hidden(H, WtW), self.projector.project_hidden(H, factor).flatten(1), k)
 
 
 class MaxLossSelector:
