@@ -6,7 +6,7 @@ from torch import nn
 
 from reprolab.config import load_params
 from reprolab.dp import clip_factor_auto_s, clip_factors, clipped_sum, private_grad, sensitivity
-from reprolab.dp.autoclip import dp_schedule, load_split, run_grid, summarize_grid
+from reprolab.dp.autoclip import dp_schedule, load_split, run_grid, split_validation, summarize_grid
 from reprolab.dp.train import DPConfig
 
 
@@ -65,16 +65,46 @@ def test_dp_schedule_spends_the_budget():
     assert s["sample_rate"] == 256 / 4000 and s["steps"] == 156 and 1.0 < s["sigma"] < 2.5
 
 
+def test_validation_split_is_disjoint_and_fixed():
+    X_tr, y_tr, _, _ = load_split("digits", 0.2, 0)
+    a = split_validation(X_tr, y_tr, 0.125, 0)
+    b = split_validation(X_tr, y_tr, 0.125, 0)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    n_val = round(0.125 * len(X_tr))
+    assert len(a[2]) == n_val and len(a[0]) == len(X_tr) - n_val
+    rows = {tuple(r.tolist()) for r in X_tr}
+    tr_rows, va_rows = [{tuple(r.tolist()) for r in t} for t in (a[0], a[2])]
+    assert tr_rows | va_rows <= rows and len(a[0]) + len(a[2]) == len(X_tr)
+    # every training row lands in exactly one of the two parts (digits has a few duplicate images, so count rows)
+    assert sorted(map(tuple, torch.cat([a[0], a[2]]).tolist())) == sorted(map(tuple, X_tr.tolist()))
+
+
+def test_summary_selects_on_validation_and_reports_test():
+    """Independent reference: a hand-made grid where the validation and test optima differ."""
+    S, nR, nL = 3, 2, 3
+    acc = {"abadi": np.zeros((S, nR, nL, 2)), "auto_s": np.zeros((S, nL, 2))}
+    acc["abadi"][:, 0, 2, 0] = 0.9  # best on validation: R index 0, lr index 2
+    acc["abadi"][:, 1, 0, 1] = 0.95  # best on test: another cell (must NOT be chosen)
+    acc["abadi"][:, 0, 2, 1] = [0.80, 0.82, 0.84]
+    acc["auto_s"][:, 1, 0] = 0.9
+    acc["auto_s"][:, 1, 1] = [0.79, 0.80, 0.81]
+    s = summarize_grid(acc, [0.1, 1.0], [0.01, 0.1, 1.0], [0.01, 0.1, 1.0])
+    assert (s["abadi_best_R"], s["abadi_best_lr"], s["auto_s_best_lr"]) == (0.1, 1.0, 0.1)
+    np.testing.assert_allclose(s["abadi_selected_per_seed"], [80, 82, 84])
+    np.testing.assert_allclose(s["auto_s_selected_per_seed"], [79, 80, 81])
+    assert s["gap_points"] == pytest.approx(2.0)
+
+
 def test_tiny_grid_runs_and_summarizes():
     cfg = load_params("autoclip", "smoke")
-    data = load_split("digits", cfg["test_fraction"], cfg["seed"])
-    data = tuple(t[:300] for t in data)
-    s = dp_schedule(300, 30, 1, 3.0, 1e-5)
+    X_tr, y_tr, X_te, y_te = load_split("digits", cfg["test_fraction"], cfg["seed"])
+    data = (*split_validation(X_tr[:300], y_tr[:300], 0.2, 0), X_te[:100], y_te[:100])
+    s = dp_schedule(240, 30, 1, 3.0, 1e-5)
     base = DPConfig(sigma=s["sigma"], sample_rate=s["sample_rate"], steps=s["steps"], momentum=0.9,
                     per_sample="ghost")
     acc = run_grid(data, base, 16, [0.1, 1.0], [0.3], [0.3, 1.0], [0])
-    assert acc["abadi"].shape == (1, 2, 1) and acc["auto_s"].shape == (1, 2)
+    assert acc["abadi"].shape == (1, 2, 1, 2) and acc["auto_s"].shape == (1, 2, 2)
     summary = summarize_grid(acc, [0.1, 1.0], [0.3], [0.3, 1.0])
-    assert summary["gap_points"] == pytest.approx(summary["auto_s_best_acc"] - summary["abadi_best_acc"])
+    assert summary["gap_points"] == pytest.approx(summary["abadi_selected_acc"] - summary["auto_s_selected_acc"])
     again = run_grid(data, base, 16, [0.1, 1.0], [0.3], [0.3, 1.0], [0])
     assert np.array_equal(acc["abadi"], again["abadi"]), "a run is a deterministic function of its seed"

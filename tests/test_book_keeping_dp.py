@@ -84,7 +84,30 @@ def test_mixed_rule_and_memory_accounting():
     assert use_ghost(T=8, p=16, d=16) and not use_ghost(T=16, p=16, d=16)  # 2 T^2 <= p d
     model, losses, _ = llama_case()
     extra = {e: engine_clipped_sum(model, losses, e)[2]["extra_bytes"] for e in ENGINES}
-    assert extra["nonprivate"] == 0 < extra["bk"] < extra["instantiate"]
+    assert extra["nonprivate"] == 0 < extra["ghostclip"] < extra["bk"] < extra["instantiate"]
+
+
+def test_analytic_memory_by_hand():
+    """Independent count from the layers' output shapes (forward hooks, not the engine's taps): BK keeps every
+    output gradient B (B x T x p floats) and every RMSNorm's x_hat (B x T x d) plus the largest temporary; GhostClip
+    keeps one layer's B (+ x_hat) and Gram temporary at a time (all layers use the ghost norm there)."""
+    model, losses, Bn = llama_case()
+    shapes = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: shapes.__setitem__(n, (tuple(o.shape), type(m).__name__)))
+             for n, m in model.named_modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+    losses(model)
+    for h in hooks:
+        h.remove()
+    T = 10
+    kept, gram = {}, {}
+    for n, (shape, kind) in shapes.items():
+        out = 4 * Bn * T * shape[-1]  # float32 output gradient (B, T, p)
+        kept[n] = out + (out if kind.endswith("RMSNorm") else 0)  # x_hat has the output's shape
+        gram[n] = 0 if kind.endswith("RMSNorm") else 2 * 4 * Bn * T * T  # ghost norm: two (B, T, T) Grams
+    bk = engine_clipped_sum(model, losses, "bk", rule="ghost")[2]["extra_bytes"]
+    gc = engine_clipped_sum(model, losses, "ghostclip")[2]["extra_bytes"]
+    assert bk == sum(kept.values()) + max(gram.values())
+    assert gc == max(kept[n] + gram[n] for n in kept)
 
 
 def test_tied_or_broadcast_parameters_are_refused():

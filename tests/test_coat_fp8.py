@@ -91,6 +91,27 @@ def test_dre_reduces_relative_error_on_a_skewed_group():
     assert torch.equal(torch.sign(back), torch.sign(m))
 
 
+def test_dre_group_minimum_skips_zeros():
+    """As the official kernel (fp8_adamw_expand_cuda_kernel.cu: 'Skip zero values when computing minimum'): a zero in a
+    group leaves its exponent k and the other elements' round trip unchanged, and decodes to exactly 0."""
+    gen = torch.Generator().manual_seed(4)
+    v = (torch.randn(2, 128, generator=gen) * torch.exp(torch.randn(2, 128, generator=gen))).pow(2) * 1e-6
+    v[0, 0], v[1, 0] = v[0].max() * 2, v[1].max() * 2  # fix each group's max away from the element zeroed below
+    v[0, 1], v[1, 1] = v[0].min() / 2, v[1].min() / 2  # and its non-zero min
+    z = v.clone()
+    z[0, 5] = 0.0
+    a, b = quantize_dre(v, 128), quantize_dre(z, 128)
+    assert torch.equal(a["k"], b["k"]) and torch.equal(a["scale"], b["scale"])
+    back_v, back_z = dequantize_dre(a, v.shape, 128), dequantize_dre(b, z.shape, 128)
+    keep = torch.ones_like(v, dtype=torch.bool)
+    keep[0, 5] = False
+    assert torch.equal(back_v[keep], back_z[keep]) and back_z[0, 5] == 0
+    # without the skip one zero would set min to ~0 and k to 1/16; with it the relative error stays small
+    assert relative_errors(z, back_z)["relative_mse"] < 0.01
+    # an all-zero group round-trips to zeros
+    assert torch.equal(fake_quantize(torch.zeros(256), "dre", 128), torch.zeros(256))
+
+
 def quadratic_problem(seed=0):
     gen = torch.Generator().manual_seed(seed)
     A = torch.randn(64, 20, generator=gen)

@@ -122,3 +122,25 @@ def test_biased_llama_bitfit_trains_only_biases_and_agrees():
     ref, _ = naive_clipped_sum(m, losses, 4, clipping="abadi", R=1e-3)
     got, _, _ = engine_clipped_sum(m, losses, "bk", clipping="abadi", R=1e-3)
     assert relative_error(got, ref) < 1e-9
+
+
+def test_balanced_holdout_init_head_and_select_lr():
+    import numpy as np
+
+    from reprolab.dp.bitfit import balanced_holdout, init_head, select_lr
+
+    texts = [f"t{i}" for i in range(20)]
+    y = np.array([i % 2 for i in range(20)])
+    tr_x, tr_y, va_x, va_y = balanced_holdout(texts, y, 6, seed=1)
+    assert len(va_x) == 6 and np.bincount(va_y).tolist() == [3, 3] and len(tr_x) == 14
+    assert set(tr_x).isdisjoint(va_x) and set(tr_x) | set(va_x) == set(texts)
+    assert all(int(t[1:]) % 2 == c for t, c in zip(tr_x + va_x, list(tr_y) + list(va_y)))  # labels follow texts
+    assert balanced_holdout(texts, y, 6, seed=1)[2] == va_x  # fixed by the seed
+    m, _ = tiny_mean_pool("bitfit")
+    init_head(m, 3)
+    w3 = m.classifier.weight.detach().clone()
+    init_head(m, 4)
+    assert not torch.equal(w3, m.classifier.weight)
+    init_head(m, 3)
+    assert torch.equal(w3, m.classifier.weight) and float(m.classifier.bias.abs().sum()) == 0.0
+    assert select_lr({5e-4: 0.6, 1.5e-3: 0.7, 5e-3: 0.7}) == 1.5e-3

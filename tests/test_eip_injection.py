@@ -145,3 +145,10 @@ def test_learning_curve_smoke_is_deterministic():
     r = a[(4, 0)]
     assert set(r) >= {"reference_only", "weak_supervision", "pretrain_finetune", "combined"}
     assert 0.0 <= r["classifier_acc"] <= 1.0
+    # the trivial predictor (the labelled cells' mean per-atom energy), recomputed by hand
+    n = data["G"].shape[1]
+    lab = np.sort(np.random.default_rng(0).permutation(16)[:4])
+    e = np.mean(data["E_ref"][lab] / n)
+    unl = np.setdiff1d(np.arange(16), lab)
+    assert abs(r["trivial_test_mae_mev"] - 1000 * np.mean(np.abs(data["test"][2].numpy() / n - e))) < 1e-9
+    assert abs(r["trivial_pool_mae_mev"] - 1000 * np.mean(np.abs(data["E_ref"][unl] / n - e))) < 1e-9

@@ -90,8 +90,7 @@ def test_pruning_keeps_largest_and_coo_lookup_equals_dense():
 
 def test_tunable_methods_hit_the_budget_within_5_percent():
     d = zipf_ctr_stream(5000, n_fields=4, ids_per_field=10_000, seed=0)
-    cfg = {"hot_frac": 0.6, "slots_per_hot": 8, "slots": 4, "hot_threshold": 1.0, "decay": 0.99,
-           "medium_threshold": 1.0}
+    cfg = {"cafe_schedule": "criteo", "slots_per_hot": 4, "slots": 4, "decay": 0.99, "medium_threshold": 1.0}
     full = d.n_features * 16 * 4
     for r in (2, 10, 100):
         for m in ("hash", "qr", "cafe"):

@@ -86,3 +86,24 @@ def test_poisoning_rate_is_exact(rate):
 def test_poisoning_refuses_impossible_rate():
     with pytest.raises(ValueError):
         poison_dataset(["a"] * 10, np.ones(10, dtype=np.int64), "cf", 0.5, target=1, seed=0)
+
+
+def test_probe_layer_learns_a_token_level_signal_and_reports_per_sample_ce():
+    """The premise probe learns a label that a token of the frozen states carries, and its per-sample CE is low there."""
+    from transformers import BertConfig
+
+    from reprolab.backdoor.honeypot import probe_layer
+
+    cfg = BertConfig(hidden_size=16, num_attention_heads=2, intermediate_size=32, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0, attn_implementation="eager")
+    g = torch.Generator().manual_seed(0)
+    n, T = 64, 6
+    y = torch.arange(n) % 2
+    H = torch.randn(n, T, 16, generator=g)
+    H[:, 2, 0] += 4.0 * (2 * y - 1)  # the label is written into token 2
+    M = torch.ones(n, T, dtype=torch.long)
+    pred, ce = probe_layer(cfg, H, M, y, H, M, epochs=30, lr=3e-3, batch_size=16, seed=0)
+    assert pred.shape == (n,) and ce.shape == (n,)
+    assert (pred == y.numpy()).mean() > 0.9 and ce.mean() < 0.3
+    pred_q, _ = probe_layer(cfg, H, M, y, H, M, epochs=30, lr=3e-3, batch_size=16, seed=0, q=0.7)  # GCE
+    assert (pred_q == y.numpy()).mean() > 0.9

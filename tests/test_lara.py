@@ -149,3 +149,23 @@ def test_model_selection_keeps_the_best_epoch(setup):
     assert len(snaps) == 3
     assert all(torch.equal(v, snaps[0][k]) for k, v in exp.state_dict().items())
     assert not all(torch.equal(v, snaps[-1][k]) for k, v in exp.state_dict().items())
+
+
+def test_official_logit_fidelity_matches_direct_removal(setup):
+    """kind="logit": the official calc_fidelity_pairwise (logit differences, floor counts), against a naive rerun."""
+    d, g, model = setup
+    t = 0
+    players = players_of(g, t, 2)
+    M = len(players)
+    scores = torch.arange(M, dtype=torch.float32)  # the last players rank first
+    with torch.no_grad():
+        cls = int(model(g, d.X).argmax(1)[t])
+    rho = 0.6
+    ranked = players.flip(0)
+    top = ranked[:int(np.floor((1 - rho) * M))]  # Fid+: remove the floor((1 - rho) M) most important
+    bottom = ranked[M - int(np.floor(rho * M)):]  # Fid-: remove the floor(rho M) least important
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+    fp, fm = fidelity(model, g, d.X, t, players, scores, rho, n_layers=3, kind="logit")
+    full = _naive_prob(model, g, d.X, t, [], cls)
+    assert abs(fp - (logit(full) - logit(_naive_prob(model, g, d.X, t, top, cls)))) < 1e-4
+    assert abs(fm - (logit(full) - logit(_naive_prob(model, g, d.X, t, bottom, cls)))) < 1e-4

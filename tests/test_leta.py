@@ -5,8 +5,9 @@ import torch
 import torch.nn.functional as Fn
 
 from reprolab.data import MOBILENET_V2_WEIGHTS
-from reprolab.explain.leta import (Encoder, GenericExplainer, leta_attribution, load_mobilenet_v2, minmax,
-                                   neighbourhood_masks, saliency_attribution, train_explainer)
+from reprolab.explain.leta import (Encoder, GenericExplainer, integrated_gradients_attribution, leta_attribution,
+                                   load_mobilenet_v2, minmax, neighbourhood_masks, saliency_attribution,
+                                   train_explainer)
 from reprolab.explain.metrics import auc, deletion_insertion_curves, patch_order
 from reprolab.paths import MODELS_DIR
 
@@ -155,3 +156,20 @@ def test_encoder_is_mobilenet_penultimate(mobilenet):
         xn = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
         logits = mobilenet(xn)
     torch.testing.assert_close(mobilenet.classifier(z), logits, rtol=1e-4, atol=1e-4)
+
+
+def test_integrated_gradients_completeness_and_patch_sums(mobilenet):
+    """Completeness (an independent identity): the pixel attributions sum to logit(x) - logit(black); and the patch
+    map is the min-max of the patch sums of those pixel attributions."""
+    torch.manual_seed(0)
+    enc = Encoder(mobilenet)
+    x = torch.rand(2, 3, 32, 32)
+    W, b = torch.randn(3, 1280) * 0.05, torch.randn(3)
+    cls = torch.tensor([0, 2])
+    a, ig = integrated_gradients_attribution(enc, W, b, x, cls, grid=4, steps=64, return_raw=True)
+    with torch.no_grad():
+        gap = ((enc(x) @ W.T + b) - (enc(torch.zeros_like(x)) @ W.T + b)).gather(1, cls[:, None])[:, 0]
+    np.testing.assert_allclose(ig.sum((1, 2, 3)).numpy(), gap.numpy(), rtol=0.05, atol=0.02)
+    sums = torch.stack([torch.stack([ig[i, :, 8 * r:8 * r + 8, 8 * c:8 * c + 8].sum() for r in range(4) for c in range(4)])
+                        for i in range(2)]).view(2, 4, 4)
+    torch.testing.assert_close(a, minmax(sums), rtol=1e-4, atol=1e-5)

@@ -63,3 +63,43 @@ def test_deps_exist_and_name_the_notebook(slug):
     assert deps[0] == f"notebooks/{slug}.ipynb"
     for d in deps:
         assert (REPO_ROOT / d).exists() or d.startswith("models/"), d
+
+
+def test_stage_commands_work_without_an_activated_venv():
+    """`.venv/bin/dvc repro <slug>` (the README's command) runs stage commands through a shell whose PATH need not
+    contain the venv: every command's interpreter comes from params.yaml's `python`, which must import reprolab."""
+    import subprocess
+
+    import yaml
+
+    stages = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]
+    python = PARAMS["python"]
+    for name, st in stages.items():
+        assert st["cmd"].startswith("${python} -m reprolab."), f"stage {name}: {st['cmd']}"
+    cmd = stages["index"]["cmd"].replace("${python}", python).replace("-m reprolab.report.index",
+                                                                        "-c 'import reprolab.stage, reprolab.report.index'")
+    env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp")}  # no venv on PATH, nothing activated
+    out = subprocess.run(["sh", "-c", cmd], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_readme_commands_exist():
+    """Every `.venv/bin/<tool>` and `make <target>` the README shows exists."""
+    import re
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    for target in set(re.findall(r"^make (\w[\w-]*)", readme, re.M)):
+        assert re.search(rf"^{target}:", makefile, re.M), f"README shows `make {target}`, the Makefile lacks it"
+    stages = yaml_stages()
+    for slug in set(re.findall(r"dvc repro (\w+)", readme)):
+        assert slug in stages, f"README shows `dvc repro {slug}`, which is not a stage"
+    for mod in set(re.findall(r"python -m (reprolab[\w.]*)", readme)):
+        assert (REPO_ROOT / "src" / (mod.replace(".", "/") + ".py")).exists() or \
+            (REPO_ROOT / "src" / mod.replace(".", "/") / "__init__.py").exists(), mod
+
+
+def yaml_stages():
+    import yaml
+
+    return yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]

@@ -222,3 +222,13 @@ def test_inversion_loss_decreases_and_recovers_a_toy_sequence(metric):
         d[seq] = gradient_distance(g_obs, lora_gradient_of_embeds(pm, emb_table[s], torch.ones_like(s), s, False),
                                    metric).item()
     assert min(d, key=d.get) == tuple(ids[0].tolist())
+
+
+def test_digit_accuracy_is_the_best_positionwise_match():
+    from reprolab.privacy.recit import digit_accuracy
+
+    rec = {"phone": "12345678"}
+    assert digit_accuracy([], rec) == 0.0
+    cands = [{"phone": "12000000"}, {"phone": "99345699"}, {"phone": "87654321"}]
+    assert digit_accuracy(cands, rec) == 4 / 8  # "99345699" matches positions 3-6
+    assert digit_accuracy([{"phone": "12345678"}], rec) == 1.0

@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from reprolab.lm.self_extend import (grouped_positions, rope_scaled, self_extend_relative_positions, self_extended)
+from reprolab.lm.self_extend import (grouped_positions, heldout_perplexity, heldout_windows, rope_scaled,
+                                     self_extend_relative_positions, self_extended)
 from reprolab.lm.tiny_llama import ANSWER, passkey_correct, passkey_example
 
 
@@ -143,3 +144,25 @@ def test_passkey_prompt_and_exact_match_scoring():
             return SimpleNamespace(logits=torch.nn.functional.one_hot(nxt, 256).float()[None].expand(len(x), -1, -1))
 
     assert passkey_correct(Oracle(), ids, start).tolist() == [True, False]
+
+
+def test_heldout_windows_draw_and_perplexity_reference():
+    assert heldout_windows(10, 3, None) == [0, 1, 2] and heldout_windows(2, 5, None) == [0, 1]
+    pick = heldout_windows(50, 8, seed=3)
+    assert len(set(pick)) == 8 and all(0 <= i < 50 for i in pick) and pick == heldout_windows(50, 8, seed=3)
+    assert pick != heldout_windows(50, 8, seed=4)
+    # byte perplexity of the drawn windows equals a naive per-window computation
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).eval()
+    text = "".join(chr(32 + (7 * i) % 90) for i in range(16 * 20))
+    L, n = 16, 3
+    got = heldout_perplexity(model, None, text, L, n, seed=5)
+    nll = 0.0
+    with torch.no_grad():
+        for i in heldout_windows(len(text) // L, n, 5):
+            row = torch.tensor(list(text[i * L:(i + 1) * L].encode()))
+            logits = model(row[None]).logits[0]
+            nll += torch.nn.functional.cross_entropy(logits[:-1], row[1:], reduction="sum").item()
+    assert got == pytest.approx(math.exp(nll / (n * (L - 1))), rel=1e-5)

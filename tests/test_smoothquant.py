@@ -13,7 +13,8 @@ from reprolab.quant.fake_quant import (W8A8Linear, quantize_activation_per_tenso
                                        quantize_activation_per_token_absmax, quantize_model,
                                        quantize_weight_per_channel_absmax)
 from reprolab.quant.int8_bench import linear_shapes, to_dynamic_int8, weight_memory
-from reprolab.quant.smoothquant import collect_act_stats, inject_outliers, smooth_lm, smoothing_factors
+from reprolab.quant.smoothquant import (collect_act_stats, draw_slice, draw_windows, inject_outliers, smooth_lm,
+                                       smoothing_factors, w8a8_copy)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,6 +105,39 @@ def test_inject_outliers_is_function_preserving():
     before = collect_act_stats(model, x, 48)["channel_absmax"]["model.layers.1.mlp.gate_proj"]
     after = collect_act_stats(twin, x, 48)["channel_absmax"]["model.layers.1.mlp.gate_proj"]
     torch.testing.assert_close(after[idx], before[idx] * 64.0, rtol=1e-4, atol=1e-6)
+
+
+def test_smoothquant_is_invariant_to_injected_outliers():
+    """The identity behind the twin_sq_invariant check: s_j scales with a per-channel rescaling of the norm output, so
+    SmoothQuant W8A8 of the twin equals SmoothQuant W8A8 of the natural model (up to float rounding)."""
+    model = tiny_llama()
+    x = ids(5, 96)
+    twin = copy.deepcopy(model)
+    inject_outliers(twin, frac=0.05, factor=64.0, seed=2)
+    kw = dict(act_quant="per_token", quantize_bmm_input=True)
+    sq = w8a8_copy(model, collect_act_stats(model, x, 48)["channel_absmax"], 0.85, **kw)
+    sq_twin = w8a8_copy(twin, collect_act_stats(twin, x, 48)["channel_absmax"], 0.85, **kw)
+    torch.testing.assert_close(sq_twin(x).logits, sq(x).logits, rtol=1e-3, atol=1e-3)
+    naive, naive_twin = w8a8_copy(model, **kw), w8a8_copy(twin, **kw)  # naive W8A8 is not invariant
+    assert (naive_twin(x).logits - model(x).logits).abs().mean() > 2 * (naive(x).logits - model(x).logits).abs().mean()
+
+
+def test_draw_windows_and_slice():
+    T, L = 1000, 100
+    x = torch.arange(T)[None]  # (1, T): token i has id i, so windows are checkable
+    w = draw_windows(x, L, 4, seed=3)
+    assert w.shape == (1, 4 * L)
+    starts = w[0, ::L].tolist()
+    assert len(set(starts)) == 4 and all(s % L == 0 for s in starts)  # distinct aligned windows
+    for s, chunk in zip(starts, w[0].view(4, L)):
+        assert chunk.tolist() == list(range(s, s + L))
+    assert torch.equal(w, draw_windows(x, L, 4, seed=3)) and not torch.equal(w, draw_windows(x, L, 4, seed=4))
+    sl = draw_slice(x, 250, seed=1)
+    assert sl.shape == (1, 250) and sl[0].tolist() == list(range(int(sl[0, 0]), int(sl[0, 0]) + 250))
+    with pytest.raises(ValueError):
+        draw_windows(x, L, 11, seed=0)
+    with pytest.raises(ValueError):
+        draw_slice(x, T + 1, seed=0)
 
 
 def test_fake_quant_matches_per_element_reference():

@@ -153,3 +153,76 @@ def test_kg_sparse_equals_dense_on_full_support_and_local_predict():
     D = hop_distances(T.any(-1), 1)
     assert torch.all(out[torch.from_numpy(D > 1)] == -30.0) and (D > 1).any()
     assert floats > 0 and nnz > 0
+
+
+def _walks_naive(A, L):
+    """Number of walks of length 0..L between every pair, by explicit enumeration (length 0: the identity)."""
+    n = len(A)
+    W = np.zeros((n, n))
+    for x in range(n):
+        stack = [(x, 0)]
+        while stack:
+            u, d = stack.pop()
+            W[x, u] += 1
+            if d < L:
+                stack += [(v, d + 1) for v in np.flatnonzero(A[u])]
+    return W
+
+
+def test_information_sufficiency_matches_official_formula():
+    """IS = (I + walks<=L in the subgraph) / (I + walks<=L in the full graph); 0/0 -> 1 (official get_IS)."""
+    from reprolab.reason.spaloc import information_sufficiency
+
+    tree = generate_family_tree(25, np.random.default_rng(6))
+    A = (tree.parent_matrix() | tree.parent_matrix().T)
+    nodes = np.sort(np.random.default_rng(0).choice(25, 12, replace=False))
+    IS = information_sufficiency(A[np.ix_(nodes, nodes)], walk_counts(A, 2)[np.ix_(nodes, nodes)], 2)
+    full, sub = _walks_naive(A, 2)[np.ix_(nodes, nodes)], _walks_naive(A[np.ix_(nodes, nodes)], 2)
+    want = np.where(full == 0, 1.0, sub / np.where(full == 0, 1, full))
+    assert np.allclose(IS, want)
+    assert (IS <= 1 + 1e-12).all() and (IS >= 0).all()
+
+
+def test_neighbor_sampler_size_and_truncation():
+    from reprolab.reason.spaloc import sample_neighbor_subgraph
+
+    tree = generate_family_tree(60, np.random.default_rng(7))
+    A = tree.parent_matrix() | tree.parent_matrix().T
+    for seed in range(5):
+        nodes = sample_neighbor_subgraph(A, 20, [2, 8, 16], np.random.default_rng(seed))
+        assert len(nodes) == 20 and len(set(nodes.tolist())) == 20 and (np.diff(nodes) > 0).all()
+    # a graph smaller than the neighbourhood is filled up to the size with other nodes
+    nodes = sample_neighbor_subgraph(np.zeros((30, 30), dtype=bool), 10, [2, 8], np.random.default_rng(0))
+    assert len(nodes) == 10
+
+
+def test_consumed_gates_and_nnz_exclude_dead_outputs():
+    """The last layer's arity-3 outputs have no head: their gates are not in the Hoyer loss and pruning them (or not)
+    leaves the consumed-hyperedge count unchanged; intermediate pruning lowers it."""
+    tree = generate_family_tree(20, np.random.default_rng(8))
+    P = tree.parent_matrix()
+    depth = 3
+    model = make_model(4, depth, gated=True, seed=0)
+    E2, E3 = local_supports(P, 2)
+    S = sparse_inputs(tree.male, P, E2, E3)
+    with torch.no_grad():
+        _, alphas, _ = model.forward_sparse(S, 20, 0.0)
+        assert len(alphas) == 2 * (depth - 1) + 1  # arity 2 and 3 per layer, last layer arity 2 only
+        full = model.consumed_nnz()
+        assert full == (depth - 1) * (len(E2) + len(E3)) + len(E2)
+        model.layers[-1].gate[3].bias.fill_(-100.0)  # every dead output pruned
+        model.forward_sparse(S, 20, 0.5)
+        n_dead_pruned = model.consumed_nnz()
+        model.layers[-1].gate[3].bias.fill_(0.0)
+        model.layers[0].gate[3].bias.fill_(-100.0)  # every arity-3 hyperedge of layer 0 pruned: consumed by layer 1
+        model.forward_sparse(S, 20, 0.5)
+        assert model.consumed_nnz() < n_dead_pruned
+    model2 = make_model(4, depth, gated=True, seed=0)
+    with torch.no_grad():
+        model2.forward_sparse(S, 20, 0.0)
+        model2.layers[-1].gate[3].bias.fill_(-100.0)
+        model2.forward_sparse(S, 20, 0.999)
+        kept = model2.consumed_nnz()
+        model2.layers[-1].gate[3].bias.fill_(100.0)
+        model2.forward_sparse(S, 20, 0.999)
+    assert kept == model2.consumed_nnz()

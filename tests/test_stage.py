@@ -5,6 +5,7 @@ import nbformat
 import pytest
 import yaml
 
+from reprolab.claims import VERDICTS
 from reprolab.config import read_params
 from reprolab.stage import StageError, run_stage
 
@@ -12,11 +13,14 @@ PAPERS = list(read_params()["papers"])
 
 
 def _failing_setup(tmp_path):
-    params = {"profile": "smoke", "models": {}, "datasets": {},
-              "papers": {"broken": {"title": "B", "arxiv": "0", "family": "x", "datasets": [], "models": [],
-                                    "claims": {"c": {"text": "t", "baseline": "b", "paper": "p"}}}},
-              "broken": {"seed": 0}}
+    params = {"profile": "smoke", "models": {}, "datasets": {}, "broken": {"seed": 0}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    entry = {"slug": "broken", "title": "B", "arxiv": "0", "family": "x", "datasets": [], "models": [],
+             "claims": {"c": {"kind": "empirical", "statistic": "value", "op": ">", "threshold": 0.0, "text": "t",
+                              "baseline": "b", "paper": "p"}}, "gates": {}, "deviations": [],
+             "params": {"seed": {"type": "integer", "minimum": 0}}}
+    (tmp_path / "registry" / "x").mkdir(parents=True)
+    (tmp_path / "registry" / "x" / "broken.paper.yaml").write_text(yaml.safe_dump(entry))
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     p = nbformat.v4.new_code_cell('paper = "broken"\nprofile = "smoke"\nout_dir = ""')
@@ -34,7 +38,8 @@ def test_failing_notebook_fails_stage_and_removes_stale_results(tmp_path, capfd)
     (stale / "metrics.json").write_text('{"claims": {}}')
     with pytest.raises(StageError, match="the notebook failed"):
         run_stage("broken", "smoke", results_root=tmp_path / "results", reports_root=tmp_path / "reports",
-                  build_root=tmp_path / "build", params_file=tmp_path / "params.yaml", notebooks_root=tmp_path / "nbs")
+                  build_root=tmp_path / "build", params_file=tmp_path / "params.yaml", notebooks_root=tmp_path / "nbs",
+                  registry_dir=tmp_path / "registry")
     assert "deliberate failure in cell 3" in capfd.readouterr().err  # the failing cell is visible
     assert not stale.exists(), "a failed stage must not leave stale metrics behind"
     assert not (tmp_path / "reports" / "broken.html").exists()
@@ -47,11 +52,18 @@ def test_notebook_smoke_runs_and_reruns_identically(slug, tmp_path):
     kw = dict(reports_root=tmp_path / "reports", build_root=tmp_path / "build")
     first = run_stage(slug, "smoke", results_root=tmp_path / "r1", **kw)
     metrics = json.loads((first / "metrics.json").read_text())
-    assert set(metrics["claims"]) == set(read_params()["papers"][slug]["claims"])
+    entry = read_params()["papers"][slug]
+    assert set(metrics["claims"]) | set(metrics["accounting"]) == set(entry["claims"])
+    assert set(metrics["gates"]) == set(entry["gates"])
+    assert all(c["verdict"] in VERDICTS for c in metrics["claims"].values())
     assert list((first / "figures").glob("*.png")), "each paper saves at least one figure"
     assert (tmp_path / "reports" / f"{slug}.html").stat().st_size > 10_000
     timings = json.loads((first / "timings.json").read_text())
     assert timings["stage"]["wall_s"] > 0 and timings["stage"]["peak_rss_mb"] > 0
     second = run_stage(slug, "smoke", results_root=tmp_path / "r2", render=False, **kw)
-    assert (first / "metrics.json").read_bytes() == (second / "metrics.json").read_bytes(), \
-        "rerunning a stage with the same parameters must give byte-identical metrics.json"
+    for name in ("metrics.json", "details.json"):
+        assert (first / name).read_bytes() == (second / name).read_bytes(), \
+            f"rerunning a stage with the same parameters must give a byte-identical {name}"
+    html = (tmp_path / "reports" / f"{slug}.html").read_text()
+    assert "Registry entry: claims, gates and deviations" in html and "Verdicts" in html, \
+        "the report shows the registry card (show_card) and the verdicts (show_verdicts)"

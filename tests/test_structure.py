@@ -34,7 +34,8 @@ def test_dvc_pipeline_runs_every_paper():
     assert text == render(PARAMS), "dvc.yaml is out of date: run `python -m reprolab.pipeline`"
     stages = yaml.safe_load(text)["stages"]
     for slug in PAPERS:
-        assert stages[slug]["cmd"] == f"python -m reprolab.stage {slug}"
+        assert stages[slug]["cmd"] == f"${{python}} -m reprolab.stage {slug}"
+        assert PARAMS["papers"][slug]["file"] in stages[slug]["deps"], "the registry file is a dependency"
         assert f"notebooks/{slug}.ipynb" in stages[slug]["deps"]
         assert {"profile", slug} <= set(stages[slug]["params"])
         assert f"results/{slug}/metrics.json" in stages["index"]["deps"]
@@ -56,14 +57,19 @@ def test_notebook_is_clean_and_parameterized(slug):
             assert not c.outputs and c.execution_count is None, "commit notebooks without outputs"
     code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
     assert "load_params(paper, profile)" in code and "write_metrics(" in code and "savefig(" in code
+    assert "Verdicts(paper, cfg)" in code, "claims are computed from per-seed values by reprolab.claims.Verdicts"
+    assert "show_card(paper, cfg)" in code and "show_verdicts(" in code, "the notebook shows the card and verdicts"
 
 
 @pytest.mark.parametrize("slug", PAPERS)
 def test_registry_claims_are_complete(slug):
-    claims = PARAMS["papers"][slug]["claims"]
-    assert claims, f"{slug}: at least one claim"
-    for cid, c in claims.items():
+    entry = PARAMS["papers"][slug]
+    assert entry["claims"], f"{slug}: at least one claim"
+    for cid, c in entry["claims"].items():
         assert all(c.get(k) for k in ("text", "baseline", "paper")), f"{slug}.{cid}"
+    assert "TODO" not in (REPO_ROOT / entry["file"]).read_text(), f"{entry['file']} still has TODOs"
+    section = {k for k in PARAMS[slug] if k != "profiles"}
+    assert section == set(entry["params"]), f"{slug}: the params schema must declare exactly the section's keys"
 
 
 def test_committed_metrics_match_registry():
@@ -71,4 +77,63 @@ def test_committed_metrics_match_registry():
         path = REPO_ROOT / "results" / slug / "metrics.json"
         if path.exists():
             body = json.loads(path.read_text())
-            assert set(body["claims"]) == set(PARAMS["papers"][slug]["claims"]), slug
+            entry = PARAMS["papers"][slug]
+            assert set(body.get("claims", {})) | set(body.get("accounting", {})) == set(entry["claims"]), slug
+            assert set(body.get("gates", {})) == set(entry["gates"]), slug
+
+
+def test_committed_reports_have_no_machine_paths():
+    """The injected out_dir is repository-relative, so a rendered report shows no path of the machine that ran it."""
+    for slug in PAPERS:
+        report = REPO_ROOT / "reports" / f"{slug}.html"
+        metrics = REPO_ROOT / "results" / slug / "metrics.json"
+        if report.exists() and metrics.exists() and "verdict" in metrics.read_text():
+            text = report.read_text()
+            assert str(REPO_ROOT) not in text and "out_dir = &quot;/" not in text and 'out_dir = "/' not in text, slug
+
+
+def _index_links():
+    from html.parser import HTMLParser
+
+    class Links(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.refs = []
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            ref = a.get("href") if tag == "a" else a.get("src") if tag == "img" else None
+            if ref:
+                self.refs.append(ref)
+
+    p = Links()
+    p.feed((REPO_ROOT / "reports" / "index.html").read_text())
+    return p.refs
+
+
+def test_committed_index_links_resolve():
+    refs = [r for r in _index_links() if "://" not in r]
+    assert "forest.svg" in refs and len(refs) >= len(PAPERS)
+    for ref in refs:
+        assert (REPO_ROOT / "reports" / ref).exists(), f"reports/index.html links to missing {ref}"
+
+
+def test_index_renders_in_a_headless_browser(tmp_path):
+    """Render the committed index in a real browser (Debian's chromium), as a user would open it."""
+    import shutil
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no chromium on this machine (.ci/run installs it)")
+    index = REPO_ROOT / "reports" / "index.html"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([browser, *flags, "--dump-dom", index.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert "id=\"scoreboard\"" in dom.stdout and "id=\"papers\"" in dom.stdout
+    for slug in PAPERS:
+        assert f"{slug}.html" in dom.stdout, slug
+    shot = tmp_path / "index.png"
+    subprocess.run([browser, *flags, "--window-size=1400,1200", f"--screenshot={shot}", index.as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    assert shot.stat().st_size > 20_000, "the screenshot of the index is (nearly) empty"

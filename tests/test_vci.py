@@ -134,3 +134,58 @@ def test_r2_and_evaluate_against_references():
     assert perfect["cf_mse"] == 0 and perfect["r2_deg"] == 1 and perfect["r2_all"] == 1
     noisy = evaluate(data["Y_test_all"] + 0.5, data, n_deg=5)
     assert abs(noisy["cf_mse"] - 0.25) < 1e-6 and noisy["r2_deg"] < 1
+
+
+def test_official_kl_form_is_the_official_kldiv_normal():
+    """kl_form "official" pins vci/utils/math_utils.py:25-31 (no division of (mu1-mu2)^2 by sigma2^2), written out."""
+    torch.manual_seed(1)
+    mu1, mu2 = torch.randn(6, 4), torch.randn(6, 4)
+    s1, s2 = torch.rand(6, 4) + 0.2, torch.rand(6, 4) + 0.2
+    lv1, lv2 = 2 * torch.log(s1), 2 * torch.log(s2)
+    official = torch.mean(-0.5 * torch.sum(1.0 + lv1 - lv2 - (mu1 - mu2) ** 2 - torch.exp(lv1 - lv2), dim=1), dim=0)
+    torch.testing.assert_close(kl_normal(mu1, s1, mu2, s2, "official"), official)
+    assert not torch.allclose(kl_normal(mu1, s1, mu2, s2, "official"), kl_normal(mu1, s1, mu2, s2, "exact"))
+    one = torch.ones_like(s1)  # against N(., 1) the two forms agree (the cVAE's prior term)
+    torch.testing.assert_close(kl_normal(mu1, s1, mu2, one, "official"), kl_normal(mu1, s1, mu2, one, "exact"))
+    with pytest.raises(ValueError):
+        kl_normal(mu1, s1, mu2, s2, "textbook")
+
+
+def test_non_control_counterfactual_treatments():
+    gen = torch.Generator().manual_seed(0)
+    T = 5
+    t = torch.randint(0, T, (20000,), generator=gen)
+    tc = random_other(t, T, gen, control=False)
+    assert (tc != t).all() and (tc != 0).all() and set(tc.tolist()) == set(range(1, T))
+    for k in range(T):  # uniform over the allowed treatments of each factual t
+        allowed = [j for j in range(1, T) if j != k]
+        freq = np.bincount(tc[t == k].numpy(), minlength=T)[allowed] / (t == k).sum().item()
+        np.testing.assert_allclose(freq, 1 / len(allowed), atol=0.03)
+
+
+def test_kde_samples_several_real_cells_of_the_same_group():
+    data = simulate_dataset(SMALL, seed=0)
+    tr = data["train"]
+    t = torch.from_numpy(data["t"][tr]).long()
+    c = torch.from_numpy(data["cell_type"][tr]).long()
+    index = {(ci, ti): torch.nonzero((c == ci) & (t == ti))[:, 0] for ci in range(2) for ti in range(4)}
+    model = VCI(12, 4, 2, latent=4, width=8, outcome_emb=8, covariate_emb=2)
+    trainer = Trainer(model, "vci", {"lr": 1e-3, "weight_decay": 0.0, "dist_mode": "match"}, 2, train_index=index)
+    gen = torch.Generator().manual_seed(0)
+    qc, qt = torch.randint(0, 2, (300,), generator=gen), torch.randint(0, 4, (300,), generator=gen)
+    rows = trainer.sample_rows(qc, qt, gen, k=20)
+    assert rows.shape == (300, 20)
+    assert (c[rows] == qc[:, None]).all() and (t[rows] == qt[:, None]).all()
+    assert (rows.unique(dim=1).shape[1] > 1)  # several distinct cells, not one repeated
+
+
+def test_vci_step_runs_with_official_settings():
+    data = simulate_dataset(SMALL, seed=0)
+    cfg = {"lr": 1e-3, "weight_decay": 0.0, "dist_mode": "match", "mc_samples": 2, "omega0": 1.0, "omega1": 1.6,
+           "omega2": 0.1, "kde_std": 1.0, "kde_cells": 5, "cf_control": False, "kl_form": "official",
+           "steps": 3, "batch_size": 8}
+    from reprolab.bio.vci import train_arm
+
+    model = VCI(12, 4, 2, latent=4, width=8, outcome_emb=8, covariate_emb=2)
+    log = train_arm(model, "vci", data, cfg, seed=0, log_every=1)
+    assert len(log) == 3 and all(np.isfinite([r["kl_cf"] for r in log]))

@@ -1,22 +1,23 @@
 """Load and validate ``params.yaml`` before any expensive work starts.
 
-Layout of ``params.yaml``::
+Layout of ``params.yaml`` (what DVC tracks as parameters)::
 
     profile: quick                 # smoke | quick | full: the profile `dvc repro` uses
+    python: .venv/bin/python       # the interpreter the pipeline's stages run with
     models:   {name: {...}}        # catalogue of models a paper may name
     datasets: {name: {...}}        # catalogue of datasets a paper may name
-    papers:   {slug: {title, arxiv, family, datasets, models, claims}}   # the registry
     <slug>:                        # one section per paper
       seed: 0
       ...                          # defaults, shared by all profiles
       profiles: {smoke: {...}, quick: {...}, full: {...}}   # overrides of the defaults
-      bounds:  {key: [low, high]}  # inclusive numeric range (null = open)
-      choices: {key: [allowed, values]}
 
-``load_params(slug, profile)`` returns the defaults merged with the profile's overrides, after checking that the
-slug and profile exist, that overrides only name known keys with the default's type, that every value named
-``model``/``dataset`` (or ``models``/``datasets``) is in its catalogue, and that bounds and choices hold.
-Every error names the key and the allowed values.
+The registry (claims, gates, deviations) and the *schema* of each section live in the paper's own file,
+``src/reprolab/<family>/<slug>.paper.yaml`` (``reprolab.registry``); ``read_params()`` adds them as ``papers``.
+
+``load_params(slug, profile)`` validates the defaults, then the defaults merged with the profile's overrides, against the
+paper's JSON Schema (``jsonschema``, draft 2020-12: types, ranges, allowed values; no unknown or missing keys), and checks
+that every value named ``model``/``dataset`` (or ``models``/``datasets``) is in its catalogue. Every error names the key
+and the allowed values.
 """
 from __future__ import annotations
 
@@ -24,21 +25,24 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import yaml
 
 from .paths import PARAMS_FILE
 
 PROFILES = ("smoke", "quick", "full")
-RESERVED = ("profiles", "bounds", "choices")
-REGISTRY_FIELDS = ("title", "arxiv", "family", "datasets", "models", "claims")
-CLAIM_FIELDS = ("text", "baseline", "paper")
+RESERVED = ("profiles",)
+TOP_LEVEL = ("profile", "python", "models", "datasets")
 
 
 class ParamError(ValueError):
     """A parameter is missing, unknown, of the wrong type or out of range."""
 
 
-def read_params(path: str | Path | None = None) -> dict:
+def read_params(path: str | Path | None = None, registry_dir: str | Path | None = None) -> dict:
+    """params.yaml as a dict, with the registry (``reprolab.registry``; ``registry_dir`` for tests) added as ``papers``."""
+    from .registry import RegistryError, load_registry
+
     path = Path(path) if path else PARAMS_FILE
     if not path.exists():
         raise ParamError(f"params file not found: {path}")
@@ -46,29 +50,65 @@ def read_params(path: str | Path | None = None) -> dict:
         params = yaml.safe_load(fh)
     if not isinstance(params, dict):
         raise ParamError(f"{path}: expected a mapping at the top level")
-    for key in ("papers", "models", "datasets"):
+    for key in ("models", "datasets"):
         if not isinstance(params.get(key), dict):
             raise ParamError(f"params.yaml: top-level key '{key}' must be a mapping")
+    if "papers" in params:
+        raise ParamError("params.yaml: 'papers' is no longer a parameter; each paper's registry entry lives in "
+                         "src/reprolab/<family>/<slug>.paper.yaml")
+    try:
+        params["papers"] = load_registry(Path(registry_dir)) if registry_dir else load_registry()
+    except RegistryError as exc:
+        raise ParamError(str(exc)) from exc
     return params
 
 
-def _typename(value: Any) -> str:
-    return type(value).__name__
+def check_profile(params: dict) -> str:
+    profile = params.get("profile", "quick")
+    if profile not in PROFILES:
+        raise ParamError(f"profile: unknown profile {profile!r}; allowed: {', '.join(PROFILES)}")
+    return profile
 
 
-def _check_type(key: str, value: Any, default: Any) -> None:
-    if default is None or value is None:
+def _describe(schema: dict) -> str:
+    """The allowed values of a JSON Schema, in words."""
+    if "enum" in schema:
+        return "one of " + ", ".join(map(repr, schema["enum"]))
+    t = schema.get("type", "any value")
+    words = {"integer": "an integer", "number": "a number", "string": "a string", "boolean": "true or false",
+             "array": "a list", "object": "a mapping"}
+    out = " or ".join(words.get(x, x) for x in (t if isinstance(t, list) else [t]))
+    rng = [f">= {schema['minimum']}"] if "minimum" in schema else []
+    rng += [f"<= {schema['maximum']}"] if "maximum" in schema else []
+    rng += [f"> {schema['exclusiveMinimum']}"] if "exclusiveMinimum" in schema else []
+    rng += [f"< {schema['exclusiveMaximum']}"] if "exclusiveMaximum" in schema else []
+    if rng:
+        out += " " + " and ".join(rng)
+    if t == "array" and isinstance(schema.get("items"), dict):
+        out += " of " + _describe(schema["items"])
+    return out
+
+
+def _check_schema(where: str, cfg: dict, schema: dict, file: str) -> None:
+    full = {"type": "object", "properties": schema, "required": list(schema), "additionalProperties": False}
+    errors = sorted(jsonschema.Draft202012Validator(full).iter_errors(cfg), key=lambda e: list(e.absolute_path))
+    if not errors:
         return
-    if isinstance(default, bool) or isinstance(value, bool):
-        ok = isinstance(value, bool) and isinstance(default, bool)
-    elif isinstance(default, float):
-        ok = isinstance(value, (int, float))
-    elif isinstance(default, int):
-        ok = isinstance(value, int)
-    else:
-        ok = isinstance(value, type(default))
-    if not ok:
-        raise ParamError(f"{key}: expected {_typename(default)} (like the default {default!r}), got {value!r}")
+    e = errors[0]
+    path = [str(p) for p in e.absolute_path]
+    if e.validator == "additionalProperties":
+        extra = sorted(set(cfg) - set(schema))
+        raise ParamError(f"{where}.{extra[0]}: unknown parameter (not declared in {file}); allowed: "
+                         f"{', '.join(sorted(schema))}")
+    if e.validator == "required":
+        missing = sorted(set(schema) - set(cfg))
+        raise ParamError(f"{where}: missing parameter(s) {missing} declared in {file}")
+    key = path[0]
+    sub = schema[key]
+    for p in path[1:]:  # into array items / object properties
+        sub = sub.get("items", sub) if p.isdigit() else sub.get("properties", {}).get(p, sub)
+    shown = ".".join([where, key] + [f"[{p}]" if p.isdigit() else p for p in path[1:]]).replace(".[", "[")
+    raise ParamError(f"{shown}={e.instance!r} is not allowed ({e.message}); allowed: {_describe(sub)}")
 
 
 def _check_catalogue(key: str, name: str, value: Any, params: dict) -> None:
@@ -81,74 +121,65 @@ def _check_catalogue(key: str, name: str, value: Any, params: dict) -> None:
             raise ParamError(f"{key}: unknown {catalogue[:-1]} {v!r}; allowed: {', '.join(allowed)}")
 
 
-def _check_bounds(slug: str, cfg: dict, bounds: dict, choices: dict) -> None:
-    for name, rng in bounds.items():
-        if name not in cfg:
-            raise ParamError(f"{slug}.bounds.{name}: no such parameter; known: {', '.join(sorted(cfg))}")
-        lo, hi = rng
-        for v in cfg[name] if isinstance(cfg[name], list) else [cfg[name]]:
-            if not isinstance(v, (int, float)) or isinstance(v, bool):
-                raise ParamError(f"{slug}.{name}: expected a number in [{lo}, {hi}], got {v!r}")
-            if (lo is not None and v < lo) or (hi is not None and v > hi):
-                raise ParamError(f"{slug}.{name}={v!r} is out of range; allowed: [{lo}, {hi}]")
-    for name, allowed in choices.items():
-        if name not in cfg:
-            raise ParamError(f"{slug}.choices.{name}: no such parameter; known: {', '.join(sorted(cfg))}")
-        for v in cfg[name] if isinstance(cfg[name], list) else [cfg[name]]:
-            if v not in allowed:
-                raise ParamError(f"{slug}.{name}={v!r} is not allowed; allowed: {', '.join(map(str, allowed))}")
-
-
 def load_params(paper: str, profile: str | None = None, params: dict | None = None) -> dict:
     """Return the validated configuration of ``paper`` under ``profile`` (default: params.yaml's ``profile``)."""
     params = read_params() if params is None else params
     registry = params["papers"]
     if paper not in registry:
         raise ParamError(f"paper: unknown slug {paper!r}; allowed: {', '.join(sorted(registry))}")
-    profile = profile or params.get("profile", "quick")
-    if profile not in PROFILES:
+    if profile is None:
+        profile = check_profile(params)
+    elif profile not in PROFILES:
         raise ParamError(f"profile: unknown profile {profile!r}; allowed: {', '.join(PROFILES)}")
     section = params.get(paper)
     if not isinstance(section, dict):
         raise ParamError(f"params.yaml: the registry names {paper!r} but there is no '{paper}:' section")
+    schema, file = registry[paper]["params"], registry[paper]["file"]
     base = {k: v for k, v in section.items() if k not in RESERVED}
-    if "seed" not in base:
-        raise ParamError(f"{paper}.seed: every paper section needs an integer seed")
+    _check_schema(paper, base, schema, file)
     profiles = section.get("profiles") or {}
+    if not isinstance(profiles, dict):
+        raise ParamError(f"{paper}.profiles: expected a mapping of {', '.join(PROFILES)}")
     unknown_profiles = sorted(set(profiles) - set(PROFILES))
     if unknown_profiles:
         raise ParamError(f"{paper}.profiles: unknown profile(s) {unknown_profiles}; allowed: {', '.join(PROFILES)}")
-    override = profiles.get(profile) or {}
     cfg = copy.deepcopy(base)
-    for name, value in override.items():
-        key = f"{paper}.profiles.{profile}.{name}"
-        if name not in base:
-            raise ParamError(f"{key}: unknown parameter; allowed: {', '.join(sorted(base))}")
-        _check_type(key, value, base[name])
-        cfg[name] = copy.deepcopy(value)
-    for name, value in cfg.items():
-        _check_type(f"{paper}.{name}", value, base[name])
-        _check_catalogue(f"{paper}.{name}", name, value, params)
-    _check_bounds(paper, cfg, section.get("bounds") or {}, section.get("choices") or {})
+    entry = registry[paper]
+    thresholds = {c["threshold"] for c in [*entry["claims"].values(), *entry.get("gates", {}).values()]
+                  if isinstance(c["threshold"], str)}
+    for prof in PROFILES:  # every profile's overrides are checked, not only the one that runs
+        override = profiles.get(prof) or {}
+        merged = copy.deepcopy(base)
+        for name, value in override.items():
+            if name not in base:
+                raise ParamError(f"{paper}.profiles.{prof}.{name}: unknown parameter; allowed: {', '.join(sorted(base))}")
+            if name in thresholds:
+                raise ParamError(f"{paper}.profiles.{prof}.{name}: a claim's threshold is the same in every profile "
+                                 "(a profile changes the budget, not the criterion); set it in the defaults")
+            merged[name] = copy.deepcopy(value)
+        _check_schema(f"{paper}.profiles.{prof}", merged, schema, file)
+        for name, value in merged.items():  # repeated seeds would give identical values and a zero-width interval
+            if (name == "seeds" or name.endswith("_seeds")) and isinstance(value, list) and len(set(value)) < len(value):
+                raise ParamError(f"{paper}.profiles.{prof}.{name}={value!r}: seeds must be distinct")
+        for name, value in merged.items():
+            _check_catalogue(f"{paper}.profiles.{prof}.{name}", name, value, params)
+        if prof == profile:
+            cfg = merged
     cfg["paper"], cfg["profile"] = paper, profile
     return cfg
 
 
 def validate_all(params: dict | None = None) -> list[str]:
-    """Validate the registry and every paper under every profile; return the slugs. Raises ParamError."""
+    """Validate the top level, the registry and every paper under every profile; return the slugs. Raises ParamError."""
     params = read_params() if params is None else params
+    check_profile(params)
+    unknown = sorted(k for k in params if k not in TOP_LEVEL and k != "papers" and k not in params["papers"])
+    if unknown:
+        raise ParamError(f"params.yaml: {unknown[0]!r} is neither a top-level key ({', '.join(TOP_LEVEL)}) nor a "
+                         f"registered paper; registered: {', '.join(sorted(params['papers']))}")
     for slug, entry in params["papers"].items():
-        if not isinstance(entry, dict):
-            raise ParamError(f"papers.{slug}: expected a mapping with {', '.join(REGISTRY_FIELDS)}")
-        missing = [f for f in REGISTRY_FIELDS if f not in entry]
-        if missing:
-            raise ParamError(f"papers.{slug}: missing field(s) {missing}; required: {', '.join(REGISTRY_FIELDS)}")
-        _check_catalogue(f"papers.{slug}.datasets", "datasets", entry["datasets"], params)
-        _check_catalogue(f"papers.{slug}.models", "models", entry["models"], params)
-        for cid, claim in (entry["claims"] or {}).items():
-            absent = [f for f in CLAIM_FIELDS if f not in (claim or {})]
-            if absent:
-                raise ParamError(f"papers.{slug}.claims.{cid}: missing {absent}; required: {', '.join(CLAIM_FIELDS)}")
+        _check_catalogue(f"{entry['file']}: datasets", "datasets", entry["datasets"], params)
+        _check_catalogue(f"{entry['file']}: models", "models", entry["models"], params)
         for profile in PROFILES:
             load_params(slug, profile, params)
     return list(params["papers"])

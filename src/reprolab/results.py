@@ -1,7 +1,9 @@
-"""Seeding, claims and result files shared by every notebook.
+"""Seeding and result files shared by every notebook.
 
-``metrics.json`` holds numbers only (sorted keys, rounded, no timestamps) so that a rerun with the same parameters
-is byte-identical; wall-clock measurements go to ``timings.json`` instead.
+``metrics.json`` holds what a user compares between runs: every claim's per-seed values, estimate, 95% interval and
+verdict, the gates and the accounting checks (see ``reprolab.claims``). ``details.json`` holds everything else the
+notebook measured (per-arm numbers, sweeps, diagnostics). Both are sorted, rounded and free of timestamps, so that a
+rerun with the same parameters is byte-identical; wall-clock measurements go to ``timings.json`` instead.
 """
 from __future__ import annotations
 
@@ -16,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from .paths import RESULTS_DIR
+from .paths import REPO_ROOT, RESULTS_DIR
 
 SIGNIFICANT_DIGITS = 6
-OPS = {"<=": lambda a, b: a <= b, ">=": lambda a, b: a >= b, "<": lambda a, b: a < b, ">": lambda a, b: a > b}
+STRING_FIELDS = ("verdict", "status", "criterion", "failed_gates", "uncertain_gates")  # the only strings metrics.json may hold
 
 
 def seed_everything(seed: int, threads: int | None = None) -> None:
@@ -41,7 +43,7 @@ def seed_everything(seed: int, threads: int | None = None) -> None:
 
 
 def _clean(value: Any, key: str = "") -> Any:
-    """Round floats to SIGNIFICANT_DIGITS, convert numpy/torch scalars, refuse strings and NaN."""
+    """Round floats to SIGNIFICANT_DIGITS, convert numpy/torch scalars, refuse NaN and strings (but STRING_FIELDS)."""
     if isinstance(value, dict):
         return {str(k): _clean(v, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -59,18 +61,9 @@ def _clean(value: Any, key: str = "") -> Any:
         return float(f"{value:.{SIGNIFICANT_DIGITS}g}")
     if value is None:
         return None
+    if isinstance(value, str) and key.split(".")[-1].split("[")[0] in STRING_FIELDS:
+        return value
     raise TypeError(f"metrics: {key} is {type(value).__name__} {value!r}; metrics hold numbers only")
-
-
-def claim(measured: float, op: str, threshold: float, baseline: float) -> dict:
-    """One claim: ``holds`` is ``measured <op> threshold``; ``baseline`` is the same quantity for the baseline arm.
-
-    The threshold must come from params.yaml (fixed before the run), never from the measurement.
-    """
-    if op not in OPS:
-        raise ValueError(f"claim op {op!r}; allowed: {', '.join(OPS)}")
-    return {"measured": float(measured), "baseline": float(baseline), "threshold": float(threshold),
-            "op": op, "holds": bool(OPS[op](float(measured), float(threshold)))}
 
 
 def dumps(obj: dict) -> str:
@@ -86,25 +79,28 @@ def write_json(path: Path, obj: dict) -> None:
 
 
 class Results:
-    """Where a notebook writes: ``metrics.json``, ``timings.json`` and ``figures/*.png``.
+    """Where a notebook writes: ``metrics.json``, ``details.json``, ``timings.json`` and ``figures/*.png``.
 
-    ``out_dir`` empty means ``results/<paper>`` (interactive use); the pipeline passes a staging folder and moves it
-    into place only when the whole notebook succeeded.
+    ``out_dir`` empty means ``results/<paper>`` (interactive use); the pipeline passes a staging folder (relative to the
+    repository root) and moves it into place only when the whole notebook succeeded.
     """
 
     def __init__(self, paper: str, out_dir: str | Path = ""):
         self.paper = paper
-        self.dir = Path(out_dir) if out_dir else RESULTS_DIR / paper
+        d = Path(out_dir) if out_dir else RESULTS_DIR / paper
+        self.dir = d if d.is_absolute() else REPO_ROOT / d
         self.figures = self.dir / "figures"
         self.figures.mkdir(parents=True, exist_ok=True)
         self._timings: dict[str, Any] = {}
         self._benchmarks: dict[str, Any] = {}
 
-    def savefig(self, fig, name: str) -> Path:
-        """Save a matplotlib figure as ``figures/<name>.png`` without timestamps in its metadata."""
+    def savefig(self, fig, name: str) -> None:
+        """Save a matplotlib figure as ``figures/<name>.png`` without timestamps in its metadata.
+
+        Returns nothing, so that a cell ending with it does not print the (machine-specific) path into the report.
+        """
         path = self.figures / f"{name}.png"
         fig.savefig(path, dpi=110, bbox_inches="tight", metadata={"Software": None})
-        return path
 
     @contextmanager
     def timer(self, name: str):
@@ -113,25 +109,34 @@ class Results:
         yield
         self._timings[name] = round(time.perf_counter() - start, 4)
 
-    def benchmark(self, name: str, measured: float, paper: str, unit: str = "x") -> None:
-        """A wall-clock ratio to show beside the paper's number in the index (kept apart from metrics)."""
-        self._benchmarks[name] = {"measured": round(float(measured), 4), "paper": paper, "unit": unit}
+    def benchmark(self, name: str, measured: float, *, what: str, comparable: bool, paper: str = "",
+                  paper_setting: str = "", unit: str = "x") -> None:
+        """A wall-clock measurement (kept apart from metrics: timings vary between runs).
 
-    def write_metrics(self, metrics: dict, claims: dict[str, dict]) -> Path:
-        if not claims:
-            raise ValueError("write_metrics: at least one claim is required")
-        for cid, c in claims.items():
-            missing = {"measured", "baseline", "threshold", "holds"} - set(c)
-            if missing:
-                raise ValueError(f"claim {cid!r} lacks {sorted(missing)}; build it with reprolab.results.claim()")
-        if "claims" in metrics:
-            raise ValueError("write_metrics: pass claims separately, not inside metrics")
-        body = _clean(dict(metrics))
-        # claims hold numbers plus their comparison operator (the index prints "measured <= threshold")
-        body["claims"] = {cid: {**_clean({k: v for k, v in c.items() if k != "op"}, f"claims.{cid}"), "op": c.get("op", "")}
-                          for cid, c in claims.items()}
+        ``what`` says what was measured here (in words, with the hardware); ``comparable`` whether it is the paper's own
+        quantity in a comparable setting. The index shows the paper's number (``paper``, measured in ``paper_setting``)
+        beside ours only when ``comparable`` is true.
+        """
+        if not what:
+            raise ValueError(f"benchmark {name!r}: say what it measures (what=...)")
+        if comparable and not paper:
+            raise ValueError(f"benchmark {name!r}: comparable=True needs the paper's number (paper=...)")
+        self._benchmarks[name] = {"measured": round(float(measured), 4), "unit": unit, "what": what,
+                                  "comparable": bool(comparable), "paper": paper, "paper_setting": paper_setting}
+
+    def write_metrics(self, details: dict, verdicts) -> None:
+        """Write ``metrics.json`` (claims, gates, accounting from a ``reprolab.claims.Verdicts``) and ``details.json``."""
+        from .claims import Verdicts
+
+        if not isinstance(verdicts, Verdicts):
+            raise TypeError("write_metrics(details, verdicts): verdicts is a reprolab.claims.Verdicts")
+        if any(k in details for k in ("claims", "gates", "accounting")):
+            raise ValueError("write_metrics: claims, gates and accounting come from the Verdicts, not from details")
+        body = _clean(verdicts.finalize())
+        det = _clean({**details, **({"claim_context": verdicts.context} if verdicts.context else {})})
         path = self.dir / "metrics.json"
+        write_json(self.dir / "details.json", det)
         write_json(path, body)
         if self._timings or self._benchmarks:
             write_json(self.dir / "timings.json", {"notebook": self._timings, "benchmarks": self._benchmarks})
-        return path
+        # returns nothing: a cell ending with it must not print the machine's path into the report

@@ -129,6 +129,10 @@ def run_arms(data: dict, labelled: np.ndarray, cfg: dict, seed: int, pretrained:
     out["classifier_acc"] = float((pick == truth).mean()) if len(unl) else 0.0
     out["weak_label_mae_mev"] = float(np.abs(E_weak - data["E_ref"][unl]).mean() / n_atoms * 1000) if len(unl) else 0.0
     out["pretrain_eip"] = k_pt
+    # the trivial predictor: the labelled cells' mean per-atom reference energy, for every configuration
+    e_mean = float((data["E_ref"][labelled] / n_atoms).mean())
+    out["trivial_test_mae_mev"] = float(np.abs(data["test"][2].numpy() / n_atoms - e_mean).mean() * 1000)
+    out["trivial_pool_mae_mev"] = float(np.abs(data["E_ref"][unl] / n_atoms - e_mean).mean() * 1000) if len(unl) else 0.0
     return out
 
 

@@ -97,3 +97,38 @@ def honeypot_weights(model, honeypot: Honeypot, ids, mask, y, c: float, tau: flo
         lh = F.cross_entropy(honeypot(hs, mask[s:s + batch_size]), y[s:s + batch_size], reduction="none")
         out.append(sample_weights(lh, c, tau))
     return torch.cat(out)
+
+
+@torch.no_grad()
+def layer_states(model, ids, mask, layer: int, batch_size: int = 128) -> torch.Tensor:
+    """Hidden states (N, T, d) after encoder layer ``layer`` (0 = embeddings) of a BERT classifier, in eval mode."""
+    model.eval()
+    out = [model.bert(input_ids=ids[s:s + batch_size], attention_mask=mask[s:s + batch_size],
+                      output_hidden_states=True).hidden_states[layer] for s in range(0, len(ids), batch_size)]
+    return torch.cat(out)
+
+
+def probe_layer(config, H_train: torch.Tensor, M_train, y_train, H_test: torch.Tensor, M_test, epochs: int, lr: float,
+                batch_size: int, seed: int, q: float | None = None):
+    """The premise check: a honeypot-shaped probe (a fresh transformer block + linear head, as ``Honeypot``) trained on
+    FROZEN hidden states, with GCE(q) or, for ``q=None``, cross-entropy. Returns (test predictions (N_test,),
+    per-sample training cross-entropy (N_train,)) in eval mode."""
+    torch.manual_seed(seed)
+    probe = Honeypot(config, int(y_train.max()) + 1, 0)
+    opt = torch.optim.AdamW(probe.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        probe.train()
+        perm = torch.randperm(len(y_train), generator=g)
+        for s in range(0, len(y_train), batch_size):
+            i = perm[s:s + batch_size]
+            logits = probe([H_train[i]], M_train[i])  # (B, C)
+            loss = gce_loss(logits, y_train[i], q) if q else F.cross_entropy(logits, y_train[i])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    probe.eval()
+    with torch.no_grad():
+        pred = probe([H_test], M_test).argmax(-1)
+        ce = F.cross_entropy(probe([H_train], M_train), y_train, reduction="none")
+    return pred.numpy(), ce.numpy()

@@ -14,6 +14,14 @@ VCI (the official ``vci/model/model.py``, ``update``/``loss``):
               KDE against a real cell with the same (x, t')                  [dist_mode "match"])
         + omega2 * KL( q(z | y, x, t) || q(z | y'.detach(), x, t') )        (counterfactual posterior consistency)
 
+  The KL is the official ``kldiv_normal`` by default (``kl_form: official``, ``vci/utils/math_utils.py:25-31``),
+  which does NOT divide (mu1 - mu2)^2 by sigma2^2: -0.5 * sum(1 + log s1^2/s2^2 - (mu1-mu2)^2 - s1^2/s2^2). The exact
+  Gaussian KL is selectable (``kl_form: exact``); with it the latent collapses to the group mean in this miniature
+  (it penalises any factual/counterfactual latent difference by 1/sigma2^2). The "match" KDE averages the Gaussian
+  log-kernel over ``kde_cells`` real training cells with the same (x, t') (official ``cf_samples=20``,
+  ``vci/dataset/gene_dataset.py``; ``logprob`` weights each cell 1/size), and t' is drawn among the non-control
+  perturbations other than t (official ``__getitem__``) unless ``cf_control: true``.
+
   There is no KL to a N(0, I) prior in VCI; the discriminator is updated on iterations not divisible by
   ``adversary_steps`` (official). The individual likelihood is a mean over genes (official ``.mean()``).
 * cVAE baseline: the same encoder/decoder trained on the ELBO (per gene: mean NLL + KL(q || N(0, I)) / G).
@@ -51,11 +59,21 @@ def logprob_normal(x: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> t
     return -((x - loc) ** 2) / (2 * scale ** 2) - scale.log() - 0.5 * math.log(2 * math.pi)
 
 
-def kl_normal(mu1: torch.Tensor, s1: torch.Tensor, mu2: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu1, s1^2) || N(mu2, s2^2)), summed over the latent dimension, averaged over the batch
-    (official ``kldiv_normal``): 0.5 * sum(s1^2/s2^2 + (mu1-mu2)^2/s2^2 - 1 - log s1^2/s2^2)."""
+def kl_normal(mu1: torch.Tensor, s1: torch.Tensor, mu2: torch.Tensor, s2: torch.Tensor,
+              form: str = "exact") -> torch.Tensor:
+    """Summed over the latent dimension, averaged over the batch.
+
+    ``form="exact"``: KL(N(mu1, s1^2) || N(mu2, s2^2)) = 0.5 * sum(s1^2/s2^2 + (mu1-mu2)^2/s2^2 - 1 - log s1^2/s2^2).
+    ``form="official"``: the official ``kldiv_normal`` (``vci/utils/math_utils.py:25-31``), which does not divide
+    (mu1 - mu2)^2 by s2^2: 0.5 * sum(s1^2/s2^2 + (mu1-mu2)^2 - 1 - log s1^2/s2^2). The two agree when s2 = 1 (the
+    cVAE's KL to N(0, I))."""
     lv1, lv2 = 2 * s1.log(), 2 * s2.log()
-    return (-0.5 * (1 + lv1 - lv2 - (mu1 - mu2) ** 2 / lv2.exp() - (lv1 - lv2).exp()).sum(1)).mean(0)
+    sq = (mu1 - mu2) ** 2
+    if form == "exact":
+        sq = sq / lv2.exp()
+    elif form != "official":
+        raise ValueError(f"kl form {form!r}; allowed: exact, official")
+    return (-0.5 * (1 + lv1 - lv2 - sq - (lv1 - lv2).exp()).sum(1)).mean(0)
 
 
 def split_normal(h: torch.Tensor, dim: int, eps: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,9 +144,17 @@ class CPA(nn.Module):
         return self.decode(self.enc(y), t_cf, c)[0]
 
 
-def random_other(t: torch.Tensor, T: int, gen: torch.Generator) -> torch.Tensor:
-    """A uniformly random treatment different from t (the counterfactual t' of a training step)."""
-    return (t + torch.randint(1, T, t.shape, generator=gen)) % T
+def random_other(t: torch.Tensor, T: int, gen: torch.Generator, control: bool = True) -> torch.Tensor:
+    """A uniformly random treatment different from t (the counterfactual t' of a training step). ``control=False``:
+    among the non-control treatments 1..T-1 only (official ``GeneDataset.__getitem__`` redraws until t' is not a
+    control); needs T >= 3."""
+    if control:
+        return (t + torch.randint(1, T, t.shape, generator=gen)) % T
+    # t = 0: uniform on 1..T-1 (T-1 choices); t > 0: uniform on {1..T-1} minus {t} (T-2 choices)
+    u = torch.rand(t.shape, generator=gen)
+    k = torch.where(t == 0, (u * (T - 1)).long().clamp_max(T - 2), (u * (T - 2)).long().clamp_max(T - 3))
+    tc = 1 + k  # 1..T-1 (t = 0) or 1..T-2 (t > 0)
+    return torch.where((t > 0) & (tc >= t), tc + 1, tc)
 
 
 class Trainer:
@@ -156,12 +182,15 @@ class Trainer:
             self.group_count = torch.tensor([len(train_index[k]) for k in keys])
             self.group_start = torch.cumsum(self.group_count, 0) - self.group_count
 
-    def sample_rows(self, c: torch.Tensor, t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """One uniformly random training row per (c_i, t_i) (the real cell the KDE of dist_mode "match" uses)."""
+    def sample_rows(self, c: torch.Tensor, t: torch.Tensor, gen: torch.Generator, k: int = 1) -> torch.Tensor:
+        """``k`` uniformly random training rows per (c_i, t_i), with replacement: (B,) for k = 1, else (B, k) (the real
+        cells the KDE of dist_mode "match" uses; official ``cf_samples``)."""
         g = c * self.n_treat + t
-        cnt = self.group_count[g]
-        u = torch.rand(len(g), generator=gen)
-        return self.group_rows[self.group_start[g] + torch.minimum((u * cnt).long(), cnt - 1)]
+        cnt, start = self.group_count[g], self.group_start[g]
+        if k > 1:
+            cnt, start = cnt[:, None], start[:, None]
+        u = torch.rand((len(g), k) if k > 1 else (len(g),), generator=gen)
+        return self.group_rows[start + torch.minimum((u * cnt).long(), cnt - 1)]
 
     def step(self, y, t, c, gen: torch.Generator, Y_train: torch.Tensor | None = None) -> dict:
         m, cfg = self.model, self.cfg
@@ -188,7 +217,7 @@ class Trainer:
                 loss = nll + kl / m.G  # the ELBO per gene
                 out = {"nll": nll.item(), "kl_prior": kl.item()}
             else:
-                t_cf = random_other(t, m.T, gen)
+                t_cf = random_other(t, m.T, gen, control=cfg["cf_control"])
                 y_cf = m.decode(mu, t_cf)[0]  # y' = mean of p(y | E q(z|y,x,t), t')
                 if cfg["dist_mode"] == "discriminate":
                     if self.it % cfg["adversary_steps"]:
@@ -199,11 +228,14 @@ class Trainer:
                         d_loss.backward()
                         self.opt_disc.step()
                     covar = F.binary_cross_entropy_with_logits(self.disc(y_cf, t_cf, c), torch.ones(len(y)))
-                else:  # "match": Gaussian kernel around a real training cell with the same (x, t')
-                    rows = self.sample_rows(c, t_cf, gen)
-                    covar = -logprob_normal(y_cf, Y_train[rows], torch.full_like(y_cf, cfg["kde_std"])).mean()
+                else:  # "match": Gaussian kernels around kde_cells real training cells with the same (x, t')
+                    k = cfg["kde_cells"]
+                    rows = self.sample_rows(c, t_cf, gen, k)  # (B,) or (B, k)
+                    target = Y_train[rows]  # (B, G) or (B, k, G)
+                    pred = y_cf if k == 1 else y_cf[:, None].expand_as(target)
+                    covar = -logprob_normal(pred, target, torch.full_like(pred, cfg["kde_std"])).mean()
                 mu_cf, sigma_cf = m.encode(y_cf.detach(), t_cf, c)  # detach_pattern "full" (official default)
-                kl = kl_normal(mu, sigma, mu_cf, sigma_cf)
+                kl = kl_normal(mu, sigma, mu_cf, sigma_cf, cfg["kl_form"])
                 loss = cfg["omega0"] * nll + cfg["omega1"] * covar + cfg["omega2"] * kl
                 out = {"nll": nll.item(), "covar": covar.item(), "kl_cf": kl.item()}
         self.opt.zero_grad()

@@ -104,3 +104,32 @@ def biased_llama(hidden: int, layers: int, heads: int, intermediate: int, vocab:
         if isinstance(mod, nn.Embedding):
             mod.weight.requires_grad_(False)
     return model
+
+
+def balanced_holdout(texts: list[str], y, n_hold: int, seed: int):
+    """Split (texts, y) into (train_texts, train_y, hold_texts, hold_y) with ``n_hold // 2`` examples of each of the
+    two classes held out (chosen by a seeded permutation), e.g. a validation split for learning-rate selection."""
+    import numpy as np
+
+    y = np.asarray(y)
+    rng = np.random.default_rng(seed)
+    hold = np.concatenate([rng.permutation(np.flatnonzero(y == c))[: n_hold // 2] for c in (0, 1)])
+    keep = np.setdiff1d(np.arange(len(y)), hold)  # sorted: the training order is unchanged
+    hold = np.sort(hold)
+    return [texts[i] for i in keep], y[keep], [texts[i] for i in hold], y[hold]
+
+
+def init_head(model: nn.Module, seed: int, head: str = "classifier") -> None:
+    """Re-initialize the task head from a seeded generator (BERT's initializer: normal std 0.02, zero bias), so that
+    every training seed starts from its own head while the pretrained encoder is shared."""
+    mod = getattr(model, head)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        mod.weight.normal_(0.0, 0.02, generator=gen)
+        mod.bias.zero_()
+
+
+def select_lr(val_acc: dict[float, float]) -> float:
+    """The learning rate with the highest validation accuracy (ties: the smallest learning rate)."""
+    best = max(val_acc.values())
+    return min(lr for lr, a in val_acc.items() if a == best)

@@ -200,9 +200,14 @@ def engine_clipped_sum(model: nn.Module, losses_fn: Callable[[nn.Module], torch.
     """sum_i C_i g_i over the batch by one engine; ``losses_fn(model) -> (B,)`` runs the forward on the batch.
 
     Returns ({param name: shape}, per-sample norms (B,) (empty for ``nonprivate``), stats) where stats holds
-    ``extra_bytes``: bytes the engine stores beyond non-private training, an analytic memory count: the
-    book-kept output grads B of all layers, plus the per-sample gradients of all layers (``instantiate``) or the
-    largest one-layer temporary (Gram matrices or one layer's instantiated gradients; ``ghostclip``, ``bk``).
+    ``extra_bytes``: bytes the engine stores beyond non-private training, an analytic memory count:
+
+    * ``bk`` and ``instantiate`` keep every layer's output gradient B (and, for LayerNorm / RMSNorm, the normalized
+      input x_hat, a new tensor) until the clipped sum is assembled, plus the largest one-layer temporary (Gram
+      matrices or one layer's instantiated gradient; ``bk``) or the per-sample gradients of all layers (``instantiate``);
+    * ``ghostclip`` (Li et al. 2021) computes each layer's norm during the first backward and discards its B: it needs
+      one layer's B, x_hat and temporary at a time (the largest such sum), then a second backward. (This
+      implementation computes the norms after the backward, for simplicity; its analytic count is the per-layer one.)
     """
     if engine not in ENGINES:
         raise ValueError(f"engine {engine!r}; allowed: {', '.join(ENGINES)}")
@@ -219,6 +224,7 @@ def engine_clipped_sum(model: nn.Module, losses_fn: Callable[[nn.Module], torch.
     Gs = torch.autograd.grad(losses.sum(), outs, retain_graph=engine == "ghostclip")  # one backward, each (B, ..., p)
     extra = 0
     layers = []
+    kept: dict[str, int] = {}  # per layer: bytes of its book-kept B (or sum_t B) and of a new activation (x_hat)
     for n, G in zip(order, Gs):
         mod, a = taps[n][0], taps[n][1]
         G = G.reshape(G.shape[0], -1, G.shape[-1]) if G.dim() != 3 else G  # (B, T, p)
@@ -227,9 +233,11 @@ def engine_clipped_sum(model: nn.Module, losses_fn: Callable[[nn.Module], torch.
                                       f"input such as position embeddings): freeze it")
         if a is None:  # bias only: book-keep sum_t B_i[t] (B, 1, p), not B_i
             G = G.sum(dim=1, keepdim=True)
-        extra += G.numel() * G.element_size()
+        kept[n] = G.numel() * G.element_size()
+        if a is not None and layer_kind(mod) in ("layernorm", "rmsnorm"):  # x_hat: a new tensor, not a saved one
+            kept[n] += a.numel() * a.element_size()
         layers.append((n, mod, a, G))
-    sq, peak_tmp = torch.zeros(losses.shape[0]), 0
+    sq, peak_tmp, peak_layer = torch.zeros(losses.shape[0]), 0, 0
     psg: dict[str, torch.Tensor] = {}
     for n, mod, a, G in layers:
         if engine == "instantiate":
@@ -240,7 +248,11 @@ def engine_clipped_sum(model: nn.Module, losses_fn: Callable[[nn.Module], torch.
         else:
             s, tmp = layer_sq_norms(mod, a, G, "ghost" if engine == "ghostclip" else rule)
             sq, peak_tmp = sq + s, max(peak_tmp, tmp)  # temporaries live one layer at a time
-    extra += peak_tmp
+            peak_layer = max(peak_layer, kept[n] + tmp)
+    if engine == "ghostclip":
+        extra += peak_layer  # one layer's B, x_hat and temporary at a time
+    else:
+        extra += sum(kept.values()) + peak_tmp  # every layer's B (and x_hat) kept until the clipped sum
     norms = sq.sqrt()  # (B,)
     C = clip_factors(norms, clipping, R=R, gamma=gamma)  # (B,)
     summed: Grads = {}

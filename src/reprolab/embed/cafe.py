@@ -1,22 +1,26 @@
 """CAFE: Towards Compact, Adaptive, and Fast Embedding for Large-scale Recommendation Models
-(Zhang et al., SIGMOD 2024, arXiv 2312.03256).
+(Zhang et al., SIGMOD 2024, arXiv 2312.03256). Semantics follow the official HotSketch, HugoZHL/CAFE
+``ArtifactEvaluation/embeddings/sketch.cpp`` (class ``SS``) and ``sk_embedding_bag.py``.
 
 * :class:`HotSketch` -- the paper's sketch (Sec. 4.2): ``n_buckets`` buckets of ``slots`` slots, each slot holding
-  (feature id, importance score, hot-row id). Insert(x, s): if x is in its bucket, score += s; else fill an empty
-  slot; else replace the slot with the smallest score s_min by x with score s_min + s (SpaceSaving-style, which is
-  what gives the heavy-hitter guarantee). All scores decay by ``decay`` per step (adaptivity to drift, Sec. 4.3).
-* :class:`CafeEmbedding` -- hot features (sketch score >= ``hot_threshold``, at most ``n_hot`` of them) own a unique
-  row of the hot table; the others share rows of a hash table (Sec. 4.1). The importance score of a feature
-  occurrence is the L2 norm of the gradient of its embedding, normalised so the batch's scores average 1 (as in
-  the official code: ``grad_norm * N / sum(grad_norm)``). Migration (Sec. 4.3): a feature becoming hot gets its hash
-  row copied into a free hot row; if the hot table is full it replaces the hot feature with the lowest score when its
-  own score is higher by a factor (1 + ``swap_margin``) (hysteresis against thrashing, our stand-in for the official
-  code's threshold adjustment when the hot table is full); a hot feature evicted from the sketch or replaced is demoted (its hot row freed).
-  Multi-level hash embedding (Sec. 4.4, ``levels=2``): non-hot features with score >= ``medium_threshold`` (medium
-  features) are the sum of two hash rows (two hash functions), cold features use one.
+  (feature id, importance score, hot-row id). Insert(x, s) (``SS::Insert``): if x is in its bucket, score += s; else
+  fill an empty slot with score s; else, if the slot with the smallest score is **not hot**, x replaces it and
+  inherits its score (s_min + s, SpaceSaving-style, which gives the heavy-hitter guarantee); a hot slot is never
+  evicted by a newcomer (``if (!bucket[key].dic[3])``). Decay (Sec. 4.3, ``SS::decay``): when the importance mass
+  inserted since the last decay exceeds ``n_buckets * threshold * 10`` (checked at the start of a batch, as
+  ``batch_insert_val`` does), every score is multiplied by ``decay`` and a hot feature whose decayed score falls
+  below ``threshold`` is demoted (its hot row is freed).
+* :class:`CafeEmbedding` -- hot features own a unique row of the hot table; the others share rows of a hash table
+  (Sec. 4.1). The importance score of a feature occurrence is the L2 norm of the gradient of its embedding,
+  normalised so the batch's scores average 1 (``sk_embedding_bag.py``: ``grad_norm * N / sum(grad_norm)``).
+  Migration (Sec. 4.3): a feature already in the sketch whose score reaches ``hot_threshold`` is promoted while free
+  hot rows remain (``SS::Insert``: ``cnt >= k && !hot_id.empty() && !dic``); its hot row starts as a copy of its
+  hash row (``insert_grad``: ``weight_h[dic[x]] = weight_hash[...]``). No forced swaps: a full hot table admits a
+  feature only after a demotion frees a row. Multi-level hash embedding (Sec. 4.4, ``levels=2``): non-hot features
+  with score >= ``medium_threshold`` (medium features) are the sum of two hash rows, cold features use one.
 
 Routing goes through the sketch (the hot-row id is stored in the slot), so the sketch is the only index and its
-bytes count in :meth:`CafeEmbedding.nbytes`.
+bytes count in :meth:`CafeEmbedding.nbytes` (12 bytes per slot: id, score, hot-row id, as the official ``Bucket``).
 """
 from __future__ import annotations
 
@@ -35,15 +39,21 @@ def universal_hash(x: np.ndarray | torch.Tensor, m: int, seed: int):
 
 
 class HotSketch:
-    """Bucketed top-k sketch of importance scores (see module docstring). Ids are int >= 0; -1 marks an empty slot."""
+    """Bucketed top-k sketch of importance scores (see module docstring). Ids are int >= 0; -1 marks an empty slot.
 
-    BYTES_PER_SLOT = 12  # int32 id + float32 score + int32 hot-row id
+    ``threshold``: the hot threshold k, used by the mass-triggered decay (None: never decay)."""
 
-    def __init__(self, n_buckets: int, slots: int = 4, decay: float = 1.0, seed: int = 0):
+    BYTES_PER_SLOT = 12  # int32 id + float32 score + int32 hot-row id (the official Bucket: val, cnt, dic)
+
+    def __init__(self, n_buckets: int, slots: int = 4, decay: float = 1.0, seed: int = 0,
+                 threshold: float | None = None):
         self.n_buckets, self.slots, self.decay, self.seed = int(n_buckets), int(slots), float(decay), seed
+        self.threshold = threshold
         self.ids = np.full((self.n_buckets, self.slots), -1, dtype=np.int64)
         self.score = np.zeros((self.n_buckets, self.slots), dtype=np.float64)
         self.hot = np.full((self.n_buckets, self.slots), -1, dtype=np.int64)
+        self.mass = 0.0  # importance inserted since the last decay (the official `tot`)
+        self.decays = 0
 
     def nbytes(self) -> int:
         return self.n_buckets * self.slots * self.BYTES_PER_SLOT
@@ -63,31 +73,56 @@ class HotSketch:
         bk, sl, found = self.locate(x)
         return (np.where(found, self.score[bk, sl], 0.0), np.where(found, self.hot[bk, sl], -1))
 
-    def insert(self, x: np.ndarray, s: np.ndarray) -> list[int]:
-        """Insert (id, score) pairs (duplicates are summed first). Returns the hot-row ids freed by evictions."""
+    def maybe_decay(self) -> list[int]:
+        """The official trigger (``if (tot > s * k * 10) decay();``): returns the hot rows freed by demotion."""
+        if self.threshold is None or self.mass <= self.n_buckets * self.threshold * 10:
+            return []
+        return self.decay_now()
+
+    def decay_now(self) -> list[int]:
+        """``SS::decay``: demote hot features whose decayed score is below the threshold, scale every score."""
+        freed = []
+        if self.threshold is not None:
+            demote = (self.hot >= 0) & (self.score * self.decay < self.threshold)
+            freed = self.hot[demote].tolist()
+            self.hot[demote] = -1
+        self.score *= self.decay
+        self.mass = 0.0
+        self.decays += 1
+        return freed
+
+    def insert(self, x: np.ndarray, s: np.ndarray) -> tuple[list[int], np.ndarray]:
+        """Insert a batch of (id, score) pairs (duplicates summed first; absent ids in increasing id order).
+
+        Returns (hot rows freed by a decay triggered at the start of the batch, the ids that entered the sketch in
+        this batch with a single occurrence). A decay runs *before* the batch, as in the official
+        ``batch_insert_val``. The official code inserts occurrence by occurrence, so a newcomer's second occurrence in
+        the same batch already finds it (and may promote it); a newcomer seen once cannot be promoted before its next
+        batch: the second return value lists those."""
+        freed = self.maybe_decay()
         x = np.asarray(x, dtype=np.int64)
-        uniq, inv = np.unique(x, return_inverse=True)
+        uniq, inv, occ = np.unique(x, return_inverse=True, return_counts=True)
         tot = np.bincount(inv, weights=np.asarray(s, dtype=np.float64), minlength=len(uniq))
+        self.mass += float(tot.sum())
         bk, sl, found = self.locate(uniq)
         np.add.at(self.score, (bk[found], sl[found]), tot[found])
-        freed = []
+        new = []
         ids, score, hot = self.ids, self.score, self.hot
-        for xi, si, b in zip(uniq[~found].tolist(), tot[~found].tolist(), bk[~found].tolist()):
+        for xi, si, b, o in zip(uniq[~found].tolist(), tot[~found].tolist(), bk[~found].tolist(),
+                                occ[~found].tolist()):
             row = ids[b]
             empty = np.flatnonzero(row < 0)
             if len(empty):
                 j, base = int(empty[0]), 0.0
             else:
                 j = int(score[b].argmin())
+                if hot[b, j] >= 0:  # a hot slot is never evicted by a newcomer: the newcomer is dropped
+                    continue
                 base = float(score[b, j])
-                if hot[b, j] >= 0:
-                    freed.append(int(hot[b, j]))
             ids[b, j], score[b, j], hot[b, j] = xi, base + si, -1
-        return freed
-
-    def step_decay(self) -> None:
-        if self.decay != 1.0:
-            self.score *= self.decay
+            if o == 1:
+                new.append(xi)
+        return freed, np.asarray(new, dtype=np.int64)
 
     def set_hot(self, x: np.ndarray, rows: np.ndarray) -> None:
         bk, sl, found = self.locate(x)
@@ -107,20 +142,21 @@ class CafeEmbedding(nn.Module):
 
     def __init__(self, n_features: int, dim: int, n_hot: int, n_hash: int, n_buckets: int, slots: int = 4,
                  hot_threshold: float = 1.0, decay: float = 0.99, levels: int = 1, medium_threshold: float = 0.5,
-                 swap_margin: float = 0.0, init_scale: float | None = None, seed: int = 0):
+                 init_scale: float | None = None, seed: int = 0):
         super().__init__()
         self.n_features, self.dim, self.n_hot, self.n_hash = n_features, dim, int(n_hot), int(n_hash)
         self.hot_threshold, self.levels, self.medium_threshold = hot_threshold, int(levels), medium_threshold
-        self.seed, self.swap_margin = seed, swap_margin
+        self.seed = seed
         scale = init_scale if init_scale is not None else 1.0 / np.sqrt(dim)
         g = torch.Generator().manual_seed(seed)
         self.hot_weight = nn.Parameter((torch.rand(max(self.n_hot, 1), dim, generator=g) * 2 - 1) * scale)
         self.hash_weight = nn.Parameter((torch.rand(self.n_hash, dim, generator=g) * 2 - 1) * scale)
-        self.sketch = HotSketch(n_buckets, slots, decay, seed)
+        self.sketch = HotSketch(n_buckets, slots, decay, seed, threshold=hot_threshold)
         self.free_rows = list(range(self.n_hot))[::-1]  # stack; pop() gives the lowest free row
         self.row_owner = np.full(max(self.n_hot, 1), -1, dtype=np.int64)  # hot row -> feature (bookkeeping only)
         self._last = None
-        self.migrations = 0
+        self.migrations = 0  # promotions into the hot table
+        self.demotions = 0
 
     def nbytes(self) -> int:
         return (self.n_hot + self.n_hash) * self.dim * 4 + self.sketch.nbytes()
@@ -157,45 +193,31 @@ class CafeEmbedding(nn.Module):
         gn = e.grad.reshape(-1, self.dim).norm(dim=1).double().numpy()  # per-occurrence gradient L2 norm
         tot = gn.sum()
         s = gn * len(gn) / tot if tot > 0 else np.ones_like(gn)  # normalised: mean 1 per occurrence
-        self.sketch.step_decay()
-        for r in self.sketch.insert(ids, s):
-            self._free(r)
+        freed, new = self.sketch.insert(ids, s)
+        for r in freed:  # demoted by the decay: the row goes back to the free list
+            self._free(int(r))
         if self.n_hot:
-            self._migrate(np.unique(ids), optimizer)
+            cand = np.unique(ids)
+            self._migrate(cand[~np.isin(cand, new)], optimizer)
 
     def _free(self, r: int) -> None:
         self.row_owner[r] = -1
         self.free_rows.append(r)
+        self.demotions += 1
 
     def _migrate(self, cand: np.ndarray, optimizer) -> None:
+        """Promote the candidates (ids of this batch, except newcomers seen once) whose score reached the
+        threshold, best first, while free hot rows remain."""
+        if not self.free_rows or not len(cand):
+            return
         score, hot = self.sketch.query(cand)
         want = (hot < 0) & (score >= self.hot_threshold)
         cand, cs = cand[want], score[want]
         if not len(cand):
             return
-        order = np.lexsort((cand, -cs))  # best candidates first
-        cand, cs = cand[order], cs[order]
-        promote, rows = [], []
-        k = min(len(self.free_rows), len(cand))
-        for i in range(k):
-            promote.append(int(cand[i]))
-            rows.append(self.free_rows.pop())
-        cand, cs = cand[k:], cs[k:]
-        if len(cand):  # table full: replace the weakest hot features by stronger candidates
-            owners = np.flatnonzero(self.row_owner >= 0)
-            osc, _ = self.sketch.query(self.row_owner[owners])
-            weakest = owners[np.lexsort((owners, osc))]
-            wsc = np.sort(osc)
-            n = min(len(cand), len(weakest))
-            swap = np.flatnonzero(cs[:n] > (1.0 + self.swap_margin) * wsc[:n])
-            for i in swap.tolist():
-                r = int(weakest[i])
-                self.sketch.set_hot(np.array([self.row_owner[r]]), np.array([-1]))
-                promote.append(int(cand[i]))
-                rows.append(r)
-        if not promote:
-            return
-        xs, rs = np.array(promote, dtype=np.int64), np.array(rows, dtype=np.int64)
+        order = np.lexsort((cand, -cs))[:len(self.free_rows)]
+        xs = cand[order].astype(np.int64)
+        rs = np.array([self.free_rows.pop() for _ in range(len(xs))], dtype=np.int64)
         self.sketch.set_hot(xs, rs)
         self.row_owner[rs] = xs
         h1 = torch.from_numpy(universal_hash(xs, self.n_hash, self.seed + 1))

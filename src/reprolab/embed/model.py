@@ -40,11 +40,29 @@ class DLRMLite(nn.Module):
 
 def cafe_sizes(budget_bytes: float, dim: int, hot_frac: float, slots_per_hot: float, slots: int) -> dict:
     """Split a byte budget: ``hot_frac`` of it to hot rows + sketch (``slots_per_hot`` sketch slots per hot row),
-    the rest to the hash table."""
+    the rest to the hash table. With ``slots_per_hot = slots = 4`` (one 4-slot bucket, 48 bytes, per hot row) and
+    ``hot_frac = 1 - hash_rate`` this is the official sizing, ``init_embed.py``:
+    ``hotn = totn * rate * (1 - hash_rate) * 4d / (4d + 48)`` and ``SS(k, lim=hotn)`` buckets."""
     H = int(hot_frac * budget_bytes // (dim * 4 + slots_per_hot * HotSketch.BYTES_PER_SLOT))
     n_buckets = max(1, math.ceil(slots_per_hot * H / slots))
     n_hash = int((budget_bytes - H * dim * 4 - n_buckets * slots * HotSketch.BYTES_PER_SLOT) // (dim * 4))
     return {"n_hot": H, "n_buckets": n_buckets, "n_hash": n_hash}
+
+
+# The official per-compression settings on Criteo (HugoZHL/CAFE ArtifactEvaluation/tasks/criteo.json, "cafe"):
+# compression ratio -> (cafe_sketch_threshold, cafe_hash_rate)
+CRITEO_SCHEDULE = {2: (10, 0.7), 5: (10, 0.5), 10: (20, 0.5), 20: (30, 0.5), 50: (50, 0.3), 100: (100, 0.3),
+                   200: (200, 0.2), 500: (500, 0.2), 1000: (500, 0.2), 2000: (500, 0.1), 5000: (500, 0.1),
+                   10000: (500, 0.1)}
+
+
+def cafe_settings(ratio: float, cfg: dict) -> tuple[float, float]:
+    """(hot threshold, hash rate) for a compression ratio: the official Criteo schedule at the nearest listed ratio
+    (log scale) when ``cafe_schedule`` is ``criteo``, else the fixed ``hot_threshold`` and ``hash_rate``."""
+    if cfg.get("cafe_schedule", "criteo") == "criteo":
+        r = min(CRITEO_SCHEDULE, key=lambda k: (abs(math.log(k / ratio)), k))
+        return CRITEO_SCHEDULE[r]
+    return cfg["hot_threshold"], cfg["hash_rate"]
 
 
 def make_table(method: str, data: CTRData, dim: int, ratio: float, cfg: dict, seed: int = 0) -> nn.Module | None:
@@ -65,18 +83,18 @@ def make_table(method: str, data: CTRData, dim: int, ratio: float, cfg: dict, se
         rank, bounds, dims = MDEmbedding.plan(counts, dim, budget, cfg.get("mde_blocks", 4), cfg.get("mde_alpha", 0.3))
         return MDEmbedding(N, dim, rank, bounds, dims, seed, init) if any(dims) else None
     if method in ("cafe", "cafe_ml", "cafe_nosk"):
-        if method == "cafe_nosk":  # the official code's accounting: the budget covers the two tables, not the sketch
-            H = int(cfg["hot_frac"] * budget // (dim * 4))
+        threshold, hash_rate = cafe_settings(ratio, cfg)
+        if method == "cafe_nosk":  # ablation: a free sketch (its bytes on top of the budget; NOT the official sizing)
+            H = int((1 - hash_rate) * budget // (dim * 4))
             sz = {"n_hot": H, "n_buckets": max(1, math.ceil(cfg["slots_per_hot"] * H / cfg["slots"])),
                   "n_hash": int(budget // (dim * 4)) - H}
-        else:
-            sz = cafe_sizes(budget, dim, cfg["hot_frac"], cfg["slots_per_hot"], cfg["slots"])
+        else:  # the official sizing: the sketch's 12 bytes per slot are inside the budget
+            sz = cafe_sizes(budget, dim, 1 - hash_rate, cfg["slots_per_hot"], cfg["slots"])
         if sz["n_hash"] < 1 or sz["n_hot"] < 1:
             return None
-        return CafeEmbedding(N, dim, sz["n_hot"], sz["n_hash"], sz["n_buckets"], cfg["slots"], cfg["hot_threshold"],
+        return CafeEmbedding(N, dim, sz["n_hot"], sz["n_hash"], sz["n_buckets"], cfg["slots"], threshold,
                              cfg["decay"], levels=2 if method == "cafe_ml" else 1,
-                             medium_threshold=cfg["medium_threshold"], swap_margin=cfg.get("swap_margin", 0.0),
-                             init_scale=init, seed=seed)
+                             medium_threshold=cfg["medium_threshold"], init_scale=init, seed=seed)
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -116,7 +134,9 @@ def evaluate(model: DLRMLite, x: np.ndarray, y: np.ndarray, batch_size: int = 81
     p = torch.sigmoid(logits).numpy().astype(np.float64)
     yy = y.astype(np.float64)
     ll = -np.mean(yy * np.log(np.clip(p, 1e-7, 1)) + (1 - yy) * np.log(np.clip(1 - p, 1e-7, 1)))
-    return {"auc": float(roc_auc_score(yy, p)), "logloss": float(ll)}
+    # two interleaved halves of the test rows: one to select (e.g. a winner), the other to measure it, independently
+    return {"auc": float(roc_auc_score(yy, p)), "logloss": float(ll), "auc_sel": float(roc_auc_score(yy[0::2], p[0::2])),
+            "auc_eval": float(roc_auc_score(yy[1::2], p[1::2]))}
 
 
 def run_arm(method: str, data: CTRData, ratio: float, cfg: dict, seed: int) -> dict | None:
@@ -126,12 +146,16 @@ def run_arm(method: str, data: CTRData, ratio: float, cfg: dict, seed: int) -> d
     if emb is None:
         return None
     model = DLRMLite(emb, data.n_fields, cfg["dim"], cfg["hidden"])
+    t0 = time.perf_counter()
     losses = train(model, data, cfg["epochs"], cfg["batch_size"], cfg["lr"])
+    train_seconds = time.perf_counter() - t0  # wall clock: for timings.json only
     out = evaluate(model, data.x_test, data.y_test)
     out.update(method=method, ratio=ratio, bytes=int(emb.nbytes()), budget_bytes=full_bytes(data.n_features, cfg["dim"]) / ratio,
                final_train_loss=float(np.mean(losses[-20:])), model=model)
+    out["train_seconds"] = train_seconds
     if isinstance(emb, CafeEmbedding):
-        out.update(n_hot=emb.n_hot, n_hash=emb.n_hash, migrations=emb.migrations)
+        out.update(n_hot=emb.n_hot, n_hash=emb.n_hash, migrations=emb.migrations, demotions=emb.demotions,
+                   hot_used=len(emb.hot_features()), hot_threshold=emb.hot_threshold)
     return out
 
 

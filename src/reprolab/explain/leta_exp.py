@@ -12,8 +12,8 @@ import torch.nn.functional as Fn
 from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 
-from .leta import (Encoder, GenericExplainer, leta_attribution, neighbourhood_masks, pretrain_targets,
-                   saliency_attribution, train_explainer)
+from .leta import (Encoder, GenericExplainer, integrated_gradients_attribution, leta_attribution,
+                   neighbourhood_masks, pretrain_targets, saliency_attribution, train_explainer)
 from .metrics import auc, deletion_insertion_curves, patch_order
 
 TASKS = {"digit": lambda y: y, "parity": lambda y: y % 2, "ge5": lambda y: (y >= 5).astype(np.int64)}
@@ -85,6 +85,8 @@ def run(cfg: dict, X: np.ndarray, y: np.ndarray, mobilenet) -> dict:
     heads = fit_probes(Z_probe.numpy(), y_probe, cfg["probe_C"], seed)
     Z_eval = embed(encoder, x_eval)
     probe_acc = {t: float(((Z_eval @ W.T + b).argmax(1).numpy() == TASKS[t](y_eval)).mean()) for t, (W, b) in heads.items()}
+    # the trivial predictor of each task: its most frequent probe-training label, scored on the evaluation images
+    majority_acc = {t: float((TASKS[t](y_eval) == np.bincount(TASKS[t](y_probe)).argmax()).mean()) for t in heads}
     cls = {t: (Z_eval @ W.T + b).argmax(1) for t, (W, b) in heads.items()}  # explain the predicted class
     # 3. attributions on the evaluation images
     with torch.no_grad():
@@ -94,6 +96,8 @@ def run(cfg: dict, X: np.ndarray, y: np.ndarray, mobilenet) -> dict:
     for task, (W, b) in heads.items():
         a = {"leta": leta_attribution(pos, neg, W, b, cls[task], grid, r, cfg["lambda_pos"], cfg["lambda_neg"], cfg["pool"])}
         a["saliency"] = saliency_attribution(encoder, W, b, x_eval, cls[task], grid)
+        a["integrated_gradients"] = integrated_gradients_attribution(encoder, W, b, x_eval, cls[task], grid,
+                                                                     cfg["ig_steps"])
         a["random"] = torch.rand(len(x_eval), grid, grid, generator=torch.Generator().manual_seed(seed + 1))
         # task-specific explainer: same architecture and masking objective, fitted to this head's logits (it needs
         # the head at training time: an upper reference, not a competitor that transfers)
@@ -112,6 +116,7 @@ def run(cfg: dict, X: np.ndarray, y: np.ndarray, mobilenet) -> dict:
     e_pos, e_neg = pretrain_targets(encoder, x_eval, ce, grid, r)
     p_c = pos.gather(1, ce[:, None, None].expand(-1, 1, pos.shape[2]))[:, 0]
     r2 = float(1 - ((p_c - e_pos) ** 2).sum() / ((e_pos - e_pos.mean(0)) ** 2).sum())
-    return dict(x_eval=x_eval, y_eval=y_eval, heads=heads, probe_acc=probe_acc, attributions=attributions,
+    return dict(x_eval=x_eval, y_eval=y_eval, heads=heads, probe_acc=probe_acc, majority_acc=majority_acc,
+                attributions=attributions,
                 results=results, leta_losses=leta_losses, task_losses=task_losses, heldout_pos_r2=r2,
                 n_pretrain_pairs=len(xr))

@@ -220,7 +220,10 @@ def editing_experiment(data, seed: int, cfg: dict, progress=None) -> dict:
     gnn_acc = accuracy_on(gnn, g, X, y, split["test"])
     arms = {"gd_gnn": (gnn, targets_gnn, False), "gd_mlp": (mlp, targets_mlp, False),
             **{k: (v, targets_gnn, True) for k, v in stitched.items()}}
+    y_test = y[split["test"]]
+    majority = float(torch.bincount(y_test, minlength=C).max()) / len(y_test)  # the trivial predictor's accuracy
     out = {"seed": seed, "gnn_test_acc": gnn_acc, "mlp_test_acc": accuracy_on(mlp, g, X, y, split["test"]),
+           "test_majority_rate": majority,
            "gnn_epoch": train_gnn["epoch"], "mlp_epoch": train_mlp["epoch"], "arms": {}}
     for name, (model, targets, st) in (progress(arms.items()) if progress else arms.items()):
         r = run_edits(model, g, X, y, targets, split["test"], lr=cfg["edit_lr"], max_steps=cfg["max_edit_steps"],

@@ -227,26 +227,46 @@ def saliency_scores(model: nn.Module, g, X, t: int, players: torch.Tensor, *, n_
     return lookup[players]
 
 
+LOGIT_EPS = 1e-6  # probabilities are clamped to [eps, 1 - eps] before the logit (a float32 softmax can reach 1.0)
+
+
+def _logit(p: torch.Tensor) -> torch.Tensor:
+    return torch.logit(p.clamp(LOGIT_EPS, 1.0 - LOGIT_EPS))
+
+
 @torch.no_grad()
 def fidelity(model: nn.Module, g, X, t: int, players: torch.Tensor, scores: torch.Tensor, sparsity: float,
-             n_layers: int) -> tuple[float, float]:
-    """(Fidelity+, Fidelity-) of one explanation: the drop of the full-graph class probability of ``t`` when the top
-    ``ceil((1 - sparsity) M)`` players are removed (+), or when all other players are removed (-)."""
+             n_layers: int, kind: str = "prob") -> tuple[float, float]:
+    """(Fidelity+, Fidelity-) of one explanation at a sparsity ``rho`` (the share of players kept).
+
+    ``kind="prob"`` (this repository's first definition): the drop of the full-graph class probability of ``t`` when
+    the top ``ceil((1 - rho) M)`` players are removed (+), or when all other players are removed (-).
+    ``kind="logit"`` (the official ``calc_fidelity_pairwise``): logit(p) - logit(p') instead of p - p', with the top
+    ``floor((1 - rho) M)`` players removed (+) and the bottom ``floor(rho M)`` players removed (-); the caller skips
+    nodes with fewer than 2 players, as the official code does.
+    """
     sg, center = dgl.khop_in_subgraph(g, int(t), n_layers + 1)
     gid = sg.ndata[dgl.NID]
     local = {int(v): i for i, v in enumerate(gid)}
     feat = X[gid]
     prob = model(sg, feat).softmax(-1)[int(center)]
     cls = int(prob.argmax())
-    k = max(1, math.ceil((1.0 - sparsity) * len(players)))
-    top = torch.argsort(scores, descending=True, stable=True)[:k]
-    important = torch.tensor([local[int(players[i])] for i in top], dtype=torch.int64)
-    rest_mask = torch.ones(len(players), dtype=torch.bool)
-    rest_mask[top] = False
-    rest = torch.tensor([local[int(s)] for s in players[rest_mask]], dtype=torch.int64)
-    p_plus = model(_removed_graph(sg, important), feat).softmax(-1)[int(center), cls]
-    p_minus = model(_removed_graph(sg, rest), feat).softmax(-1)[int(center), cls]
-    return float(prob[cls] - p_plus), float(prob[cls] - p_minus)
+    M = len(players)
+    order = torch.argsort(scores, descending=True, stable=True)
+    if kind == "prob":
+        k = max(1, math.ceil((1.0 - sparsity) * M))
+        removed_plus, removed_minus = order[:k], order[k:]
+    elif kind == "logit":
+        removed_plus = order[:int(math.floor((1.0 - sparsity) * M + 1e-9))]
+        removed_minus = order[M - int(math.floor(sparsity * M + 1e-9)):]
+    else:
+        raise ValueError(f"fidelity kind {kind!r}; allowed: prob, logit")
+    to_local = lambda idx: torch.tensor([local[int(players[i])] for i in idx], dtype=torch.int64)  # noqa: E731
+    p_plus = model(_removed_graph(sg, to_local(removed_plus)), feat).softmax(-1)[int(center), cls]
+    p_minus = model(_removed_graph(sg, to_local(removed_minus)), feat).softmax(-1)[int(center), cls]
+    if kind == "prob":
+        return float(prob[cls] - p_plus), float(prob[cls] - p_minus)
+    return float(_logit(prob[cls]) - _logit(p_plus)), float(_logit(prob[cls]) - _logit(p_minus))
 
 
 def motif_auc(scores: torch.Tensor, truth: torch.Tensor) -> float:

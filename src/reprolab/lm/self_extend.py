@@ -203,13 +203,27 @@ def passkey_set(tok, text: str, length: int, depths, n_keys: int, seed: int, fil
     return torch.stack(rows), starts[0], np.array(ds)
 
 
-def heldout_perplexity(model: nn.Module, tok, text: str, length: int, n_windows: int) -> float:
-    """Perplexity over up to ``n_windows`` non-overlapping windows of ``length`` tokens (bytes when ``tok`` is None)."""
+def heldout_windows(n_all: int, n_windows: int, seed: int | None) -> list[int]:
+    """Indices of ``n_windows`` aligned windows out of ``n_all``: the first ones (``seed=None``) or a seeded random
+    draw without replacement."""
+    import numpy as np
+
+    n = min(n_windows, n_all)
+    if seed is None:
+        return list(range(n))
+    return [int(i) for i in np.random.default_rng(seed).choice(n_all, size=n, replace=False)]
+
+
+def heldout_perplexity(model: nn.Module, tok, text: str, length: int, n_windows: int, seed: int | None = None) -> float:
+    """Perplexity over up to ``n_windows`` non-overlapping aligned windows of ``length`` tokens (bytes when ``tok`` is
+    None) of ``text``: the first ones, or (``seed`` given) a random draw of them (:func:`heldout_windows`)."""
     from . import perplexity
     from .tiny_llama import byte_perplexity
 
     if tok is None:
-        return byte_perplexity(model, text, length, min(n_windows, len(text) // length))
+        pick = heldout_windows(len(text) // length, n_windows, seed)
+        return byte_perplexity(model, "".join(text[i * length:(i + 1) * length] for i in pick), length, len(pick))
     ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids  # (1, T)
-    n = min(n_windows, ids.shape[1] // length)
-    return perplexity(model, ids[:, :n * length].to(next(model.parameters()).device), length)
+    pick = heldout_windows(ids.shape[1] // length, n_windows, seed)
+    ids = torch.cat([ids[:, i * length:(i + 1) * length] for i in pick], dim=1)  # (1, n * length)
+    return perplexity(model, ids.to(next(model.parameters()).device), length)

@@ -68,6 +68,13 @@ def token_recovery(pred: set, true: set) -> dict:
     return {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0}
 
 
+def digit_accuracy(recovered: list[dict], rec: dict) -> float:
+    """Partial PII recovery: the best share of the record's phone digits that a recovered candidate matches position by
+    position (0 when nothing was recovered). Chance for one random candidate is 1/10 per digit."""
+    return max((sum(a == b for a, b in zip(c["phone"], rec["phone"])) / len(rec["phone"]) for c in recovered),
+               default=0.0)
+
+
 def exact_pii_recovery(recovered: list[dict], records: list[dict]) -> float:
     """Share of records whose (first, last, phone) triple appears among the recovered ones."""
     got = {(r["first"], r["last"], r["phone"]) for r in recovered}

@@ -8,5 +8,5 @@ from .fake_quant import (ACT_QUANTS, WEIGHT_QUANTS, W8A8Linear, decoder_linears,
                          quantize_weight_per_tensor_absmax)
 from .int8_bench import (bench_int_mm_cuda, bench_linears_cpu, linear_shapes, quantize_dynamic_model, to_dynamic_int8,
                          total_speedup, weight_memory)
-from .smoothquant import (collect_act_stats, inject_outliers, norm_linear_pairs, outlier_ratio, smooth_ln_fcs,
-                          smooth_lm, smoothing_factors, w8a8_copy)
+from .smoothquant import (collect_act_stats, draw_slice, draw_windows, inject_outliers, norm_linear_pairs, outlier_ratio,
+                          smooth_ln_fcs, smooth_lm, smoothing_factors, w8a8_copy)

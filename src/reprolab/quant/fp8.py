@@ -15,7 +15,8 @@ f(x) = sign(x) |x / sqrt(max min)|^k per group (max, min of |x| over the group),
 
     k = floor(expand_min * log2(R) / log2(max / min)) / expand_min
 
-then quantizes with the usual absmax scale and inverts f after dequantizing. Groups narrower than R get k > 1
+then quantizes with the usual absmax scale and inverts f after dequantizing. The group minimum skips zeros (the
+official kernel's reductions do; a zero stays exactly zero under f). Groups narrower than R get k > 1
 (expanded to use all of E4M3's exponents), wider groups get k < 1 (compressed so nothing underflows).
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 E4M3_MIN_SUBNORMAL = 2.0 ** -9
 DRE_RANGE = E4M3_MAX ** 2 / 2  # the range the official kernel expands groups to (ratioUpperBound)
-QUANT_MIN_VAL = 1e-20  # added to max and min as in the official kernel
+QUANT_MIN_VAL = 1e-30  # added to max and min as in the official kernel (fp8_adamw_expand_cuda_kernel.cu:15)
 
 
 def to_e4m3(x: torch.Tensor) -> torch.Tensor:
@@ -105,8 +106,13 @@ def quantize_dre(x: torch.Tensor, group_size: int, expand_min: int = 16) -> dict
     xg, n = _groups(x, group_size)  # (G, g)
     valid = torch.arange(xg.numel(), device=xg.device).view_as(xg) < n  # padding must not set a group's minimum
     a = xg.abs().double()
-    absmax = a.amax(1) + QUANT_MIN_VAL  # (G,)
-    absmin = torch.where(valid, a, torch.full_like(a, math.inf)).amin(1) + QUANT_MIN_VAL  # (G,)
+    absmax = a.amax(1)  # (G,)
+    # the minimum skips zeros, as the official kernel's reductions do ("Skip zero values when computing minimum"): a
+    # single zero would otherwise drive k towards 1/expand_min and wipe out the group's precision; a group of zeros
+    # gets min = max (k = max_k, every code 0)
+    absmin = torch.where(valid & (a > 0), a, torch.full_like(a, math.inf)).amin(1)  # (G,)
+    absmin = torch.where(torch.isinf(absmin), absmax, absmin)
+    absmax, absmin = absmax + QUANT_MIN_VAL, absmin + QUANT_MIN_VAL
     k = expansion_exponent(absmax, absmin, expand_min)  # (G,)
     sqrt_minmax = (absmax * absmin).sqrt()  # (G,) centres the group at 1 before the power
     kd = k.double()[:, None]

@@ -159,3 +159,26 @@ def w8a8_copy(model: nn.Module, channel_absmax: dict[str, torch.Tensor] | None =
 def outlier_ratio(channel_absmax: torch.Tensor) -> float:
     """max_j max|X_j| / median_j max|X_j|: how far the largest channel stands out (1 = flat)."""
     return (channel_absmax.max() / channel_absmax.median()).item()
+
+
+def draw_windows(ids: torch.Tensor, seq_len: int, n_windows: int, seed: int) -> torch.Tensor:
+    """``n_windows`` distinct non-overlapping windows of ``seq_len`` tokens of ``ids`` (1, T), drawn at random with
+    ``seed`` from the T // seq_len aligned windows and concatenated in the drawn order: (1, n_windows * seq_len)."""
+    import numpy as np
+
+    n_all = ids.shape[1] // seq_len
+    if not 1 <= n_windows <= n_all:
+        raise ValueError(f"draw_windows: {n_windows} windows of {seq_len} tokens requested, the text has {n_all}")
+    pick = np.random.default_rng(seed).choice(n_all, size=n_windows, replace=False)
+    return torch.cat([ids[:, int(i) * seq_len:(int(i) + 1) * seq_len] for i in pick], dim=1)  # (1, n * L)
+
+
+def draw_slice(ids: torch.Tensor, n_tokens: int, seed: int) -> torch.Tensor:
+    """One contiguous slice of ``n_tokens`` tokens of ``ids`` (1, T) at a random offset drawn with ``seed``."""
+    import numpy as np
+
+    T = ids.shape[1]
+    if not 1 <= n_tokens <= T:
+        raise ValueError(f"draw_slice: {n_tokens} tokens requested, the text has {T}")
+    start = int(np.random.default_rng(seed).integers(0, T - n_tokens + 1))
+    return ids[:, start:start + n_tokens]  # (1, n_tokens)

@@ -13,6 +13,9 @@ concatenation over all r! permutations of the r variables, then a linear map and
 keeps outputs >= 0, which the sparse semantics need, and trains much faster in our short budgets). SpaLoc multiplies each
 output hyperedge by a sigmoid importance alpha (one per hyperedge); a Hoyer (L1/L2) loss on alpha pushes it to
 sparsity and at inference hyperedges with alpha < prune_tau are dropped from the support of the next layer.
+Only *consumed* outputs are gated for the loss and counted: the last layer's outputs of an arity without a head feed
+nothing, so their gates are left out of the Hoyer loss (else the loss is minimised for free on dead outputs) and
+``NLM.consumed_nnz`` counts the hyperedges that a later layer or a head reads.
 
 With the same weights, the sparse layer equals the dense layer on inputs that are zero outside the support
 (all values are >= 0, so max over absent entries is max(0, present) and min is 0 unless the support is full).
@@ -179,15 +182,28 @@ class NLM(nn.Module):
     def reset_count(self):
         for layer in self.layers:
             layer.floats = 0
+        self.support_sizes = []
+
+    def _consumed(self, layer_i: int, alphas: list) -> list:
+        """The gates of a layer whose outputs something reads (the last layer: only arities with a head)."""
+        last = layer_i == len(self.layers) - 1
+        return [x for r, x in enumerate(alphas) if x is not None and (not last or self.out_dims[r])]
+
+    def consumed_nnz(self) -> int:
+        """Hyperedges (arity >= 2) held after pruning that a later layer or a head reads, summed over layers
+        (from the last sparse forward)."""
+        L = len(self.support_sizes)
+        return int(sum(m for i, sizes in enumerate(self.support_sizes) for r, m in sizes.items()
+                       if i < L - 1 or self.out_dims[r]))
 
     def count(self) -> int:
         return sum(getattr(layer, "floats", 0) for layer in self.layers)
 
     def forward_dense(self, F0: list[torch.Tensor], n: int):
         F, alphas = F0, []
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             out, a = layer.forward_dense(F, n)
-            alphas += [x for x in a if x is not None]
+            alphas += self._consumed(i, a)
             F = [torch.cat([o, f0], -1) for o, f0 in zip(out, F0)]
         return [h(f) if o else None for h, f, o in zip(self.heads, F, self.out_dims)], alphas
 
@@ -195,9 +211,10 @@ class NLM(nn.Module):
         """Sparse forward; with prune_tau > 0 hyperedges (arity >= 2) whose importance is below it are dropped."""
         S, base, alphas = S0, S0, []  # base: the input predicates on the current supports (residual)
         plan = {} if plan is None else plan
-        for layer in self.layers:
+        self.support_sizes = []
+        for i, layer in enumerate(self.layers):
             out, a = layer.forward_sparse(S, n, plan)
-            alphas += [x for x in a if x is not None]
+            alphas += self._consumed(i, a)
             new_S, new_base = [torch.cat([out[0], S0[0]], -1)], [S0[0]]
             for r in range(1, len(out)):
                 idx, keys, y = out[r]
@@ -207,6 +224,7 @@ class NLM(nn.Module):
                     idx, keys, y, f0 = idx[keep], keys[keep], y[keep], f0[keep]
                 new_S.append((idx, keys, torch.cat([y, f0], -1)))
                 new_base.append((idx, keys, f0))
+            self.support_sizes.append({r: int(new_S[r][0].shape[0]) for r in range(2, len(new_S))})
             S, base = new_S, new_base
         heads = [self.heads[0](S[0])] + [(s[0], self.heads[r](s[2])) if self.out_dims[r] else None
                                          for r, s in enumerate(S[1:], start=1)]

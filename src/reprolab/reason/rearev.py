@@ -10,9 +10,13 @@ inductive); a GNN layer that sends, for every edge (e' -r-> e) and instruction i
 and updates h_e = ReLU(W [h_e ; sum m_1 ; ... ; sum m_K']), then p = softmax over the question's subgraph of w . h_e.
 * NSM (sequential): K layers, layer k uses instruction i_k alone, one pass.
 * ReaRev (adaptive): every layer uses ALL K instructions in parallel (BFS over an instruction set); after each of T
-  rounds the instructions are re-encoded from the graph state q_G = sum_e p_e h_e,
-      i_k <- ReLU(W_a [i_k ; q_G ; i_k (.) q_G]),
-  and the GNN is re-run from the topic entity with the adapted instructions.
+  rounds the instructions are re-encoded from the graph state and the GNN is re-run from the topic entity with the
+  adapted instructions. ``reform="gated"`` (default) is the official ``QueryReform`` (cmavro/ReaRev_KGQA,
+  modules/query_update.py: ``Fusion``, one module per instruction): with y = h_topic, the topic entity's current state,
+      i_k <- g (.) r + (1 - g) (.) i_k,   r = W_r^k [i_k ; y ; i_k - y],   g = sigmoid(W_g^k [i_k ; y ; i_k - y])
+  (both linear maps without bias, r without tanh, as in the official code), and entity states are kept across rounds.
+  ``reform="ungated"`` is this repository's earlier variant (an ablation): q_G = sum_e p_e h_e,
+  i_k <- ReLU(W_a [i_k ; q_G ; i_k (.) q_G]), entity states reset to h0 every round.
 """
 from __future__ import annotations
 
@@ -35,10 +39,27 @@ def propagate(p: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, w_edge: tor
     return torch.zeros(n, *w_edge.shape[1:]).index_add(0, dst, msg)
 
 
-class KGQAReasoner(nn.Module):
-    def __init__(self, vocab_size: int, n_rel: int, d: int, K: int, adaptive: bool, rounds: int, layers: int):
+class Fusion(nn.Module):
+    """Official ReaRev ``Fusion``: g * r + (1 - g) * x with r, g linear (no bias) in [x; y; x - y]."""
+
+    def __init__(self, d: int):
         super().__init__()
-        self.K, self.adaptive, self.rounds, self.layers = K, adaptive, rounds, layers
+        self.r = nn.Linear(3 * d, d, bias=False)
+        self.g = nn.Linear(3 * d, d, bias=False)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        z = torch.cat([x, y, x - y], -1)
+        g = torch.sigmoid(self.g(z))
+        return g * self.r(z) + (1 - g) * x
+
+
+class KGQAReasoner(nn.Module):
+    def __init__(self, vocab_size: int, n_rel: int, d: int, K: int, adaptive: bool, rounds: int, layers: int,
+                 reform: str = "gated"):
+        super().__init__()
+        if reform not in ("gated", "ungated"):
+            raise ValueError(f"reform {reform!r}; allowed: gated, ungated")
+        self.K, self.adaptive, self.rounds, self.layers, self.reform = K, adaptive, rounds, layers, reform
         self.word = nn.Embedding(vocab_size + 1, d, padding_idx=0)
         self.lstm = nn.LSTM(d, d, batch_first=True)
         self.rel = nn.Embedding(2 * n_rel, d)
@@ -48,7 +69,10 @@ class KGQAReasoner(nn.Module):
         width = K if adaptive else 1
         self.W_h = nn.Linear(d * (1 + width), d)
         self.w_p = nn.Linear(d, 1)
-        self.W_a = nn.Linear(3 * d, d)
+        if reform == "gated":
+            self.fusions = nn.ModuleList([Fusion(d) for _ in range(K)])  # one QueryReform per instruction
+        else:
+            self.W_a = nn.Linear(3 * d, d)
 
     def instructions(self, tokens: torch.Tensor) -> torch.Tensor:
         H, (q, _) = self.lstm(self.word(tokens))  # H (B, T, d), q (1, B, d)
@@ -87,10 +111,15 @@ class KGQAReasoner(nn.Module):
         h0 = self.init_states(g)
         p, h = self.gnn(g, I, h0)
         for _ in range(self.rounds - 1 if self.adaptive else 0):
-            qG = torch.zeros(g["batch"], h.shape[1]).index_add(0, g["qid"], p.unsqueeze(-1) * h)  # (B, d)
-            qG = qG.unsqueeze(1).expand_as(I)
-            I = torch.relu(self.W_a(torch.cat([I, qG, I * qG], -1)))  # adapted instructions (B, K, d)
-            p, h = self.gnn(g, I, h0)  # re-run from the topic entity
+            if self.reform == "gated":
+                y = torch.zeros(g["batch"], h.shape[1]).index_add(0, g["qid"], g["seed"].unsqueeze(-1) * h)  # h_topic
+                I = torch.stack([f(I[:, k], y) for k, f in enumerate(self.fusions)], 1)  # (B, K, d)
+                p, h = self.gnn(g, I, h)  # re-run from the topic entity, entity states kept
+            else:
+                qG = torch.zeros(g["batch"], h.shape[1]).index_add(0, g["qid"], p.unsqueeze(-1) * h)  # (B, d)
+                qG = qG.unsqueeze(1).expand_as(I)
+                I = torch.relu(self.W_a(torch.cat([I, qG, I * qG], -1)))  # adapted instructions (B, K, d)
+                p, h = self.gnn(g, I, h0)  # re-run from the topic entity
         return p
 
 

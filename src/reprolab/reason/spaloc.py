@@ -5,9 +5,13 @@ Paper: "Sparse and Local Networks for Hypergraph Reasoning" (SpaLoc), https://ar
 * Locality: the support of binary predicates is the set of pairs within ``k_hop`` hops of the input graph (diagonal
   included); ternary hyperedges are the triangles of that pair set (so every ternary prefix is a supported pair).
 * Sparsity: gated NLM outputs, a Hoyer loss on the gates, pruning of low-importance hyperedges at inference.
-* Subgraph training: subgraphs of ``sub_size`` nodes are sampled by fan-out BFS from a large training graph; labels
-  are calibrated as y * IS^gamma, IS = (walks of length <= is_len between the pair inside the subgraph) / (the same in
-  the full graph), i.e. how much of the evidence for the label the subgraph still holds.
+* Subgraph training: subgraphs of ``sub_size`` nodes are sampled from a large training graph, by default as the
+  official ``SubgraphNeighborDataset`` does (``sampler="neighbor"``: fanouts[0] random seed nodes, then fanouts[h]
+  random neighbours, with replacement, of every frontier node, then a random truncation to ``sub_size`` or a random
+  fill-up); ``sampler="bfs"`` is the earlier fan-out BFS truncated in BFS order. Labels are calibrated as
+  y * IS^gamma with the official IS (``SubgraphDataset.get_IS``): IS = (I + sum_{k<=is_len} A_sub^k) /
+  (I + sum_{k<=is_len} A^k) restricted to the subgraph, 0/0 -> 1, i.e. how much of the short-walk evidence for the
+  label the subgraph still holds (pairs with no short walk in the full graph keep their label).
 """
 from __future__ import annotations
 
@@ -59,6 +63,30 @@ def targets(rel: dict) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- IS subgraph sampling
+def sample_neighbor_subgraph(A: np.ndarray, size: int, fanouts: list[int], rng: np.random.Generator) -> np.ndarray:
+    """Official SubgraphNeighborDataset.__sample_nodes__: fanouts[0] random seed nodes; for each later fan-out f, f
+    neighbours drawn with replacement for every frontier node (the frontier = the unique drawn nodes); then a random
+    subset of ``size`` nodes (random truncation) or a fill-up with random other nodes."""
+    n = len(A)
+    chosen = np.zeros(n, dtype=bool)
+    frontier = rng.choice(n, min(fanouts[0], n), replace=False)
+    chosen[frontier] = True
+    nbrs = [np.flatnonzero(A[u]) for u in range(n)]
+    for f in fanouts[1:]:
+        drawn = [nbrs[u][rng.integers(len(nbrs[u]), size=f)] for u in frontier if len(nbrs[u])]
+        if not drawn:
+            break
+        frontier = np.unique(np.concatenate(drawn))
+        chosen[frontier] = True
+    nodes = np.flatnonzero(chosen)
+    if len(nodes) > size:
+        nodes = rng.permutation(nodes)[:size]
+    elif len(nodes) < size:
+        rest = np.flatnonzero(~chosen)
+        nodes = np.concatenate([nodes, rng.permutation(rest)[:size - len(nodes)]])
+    return np.sort(nodes)
+
+
 def sample_subgraph(A: np.ndarray, size: int, fanouts: list[int], rng: np.random.Generator) -> np.ndarray:
     """Fan-out BFS from a random seed: hop h adds up to fanouts[h] random neighbours per frontier node."""
     nodes = [int(rng.integers(len(A)))]
@@ -87,6 +115,43 @@ def walk_counts(A: np.ndarray, L: int) -> np.ndarray:
     return W
 
 
+def information_sufficiency(A_sub: np.ndarray, walks_full_sub: np.ndarray, is_len: int) -> np.ndarray:
+    """Official IS: (I + walks<=is_len in the subgraph) / (I + the same in the full graph, on the subgraph's pairs),
+    0/0 -> 1 (SpaLoc difflogic/dataset/graph/subgraph.py, get_IS)."""
+    n_sub = np.eye(len(A_sub)) + walk_counts(A_sub, is_len)
+    n_tot = np.eye(len(A_sub)) + walks_full_sub
+    with np.errstate(invalid="ignore", divide="ignore"):
+        IS = n_sub / n_tot
+    return np.where(np.isnan(IS), 1.0, IS)
+
+
+def sample(A: np.ndarray, size: int, fanouts: list[int], rng: np.random.Generator, sampler: str) -> np.ndarray:
+    if sampler == "neighbor":
+        return sample_neighbor_subgraph(A, size, fanouts, rng)
+    if sampler == "bfs":
+        return sample_subgraph(A, size, fanouts, rng)
+    raise ValueError(f"sampler {sampler!r}; allowed: neighbor, bfs")
+
+
+def label_change(ex_is: list[dict], ex_hard: list[dict]) -> dict[str, float]:
+    """Share of positive (hard) labels that IS calibration lowers, per target and overall (the premise of IS)."""
+    out, tot, chg = {}, 0, 0
+    for t, name in enumerate(TARGETS):
+        pos = np.concatenate([e["Y"][..., t][e["Y"][..., t] > 0] for e in ex_hard])
+        cal = np.concatenate([c["Y"][..., t][e["Y"][..., t] > 0] for c, e in zip(ex_is, ex_hard)])
+        out[name] = float((cal < pos - 1e-9).mean()) if len(pos) else 0.0
+        tot, chg = tot + len(pos), chg + int((cal < pos - 1e-9).sum())
+    out["all"] = chg / max(tot, 1)
+    return out
+
+
+def allpositive_f1(rel: dict) -> dict[str, float]:
+    """F1 of the trivial predictor that calls every ordered pair x != y positive (the best constant predictor's F1)."""
+    n = len(rel[TARGETS[0]])
+    off = ~np.eye(n, dtype=bool)
+    return {t: 2 * float(rel[t][off].sum()) / max(float(rel[t][off].sum()) + float(off.sum()), 1.0) for t in TARGETS}
+
+
 def subgraph_example(tree: FamilyTree, rel: dict, walks_full: np.ndarray, nodes: np.ndarray, is_len: int,
                      gamma: float | None):
     """Inputs and (calibrated) labels of the induced subgraph; gamma None = hard full-graph labels (no IS)."""
@@ -94,9 +159,7 @@ def subgraph_example(tree: FamilyTree, rel: dict, walks_full: np.ndarray, nodes:
     male = tree.male[nodes]
     Y = targets({k: v[np.ix_(nodes, nodes)] for k, v in rel.items()})  # (n, n, T) labels from the full graph
     if gamma is not None:
-        A_sub = (P | P.T)
-        IS = walk_counts(A_sub, is_len) / np.maximum(walks_full[np.ix_(nodes, nodes)], 1e-9)
-        np.fill_diagonal(IS, 1.0)
+        IS = information_sufficiency(P | P.T, walks_full[np.ix_(nodes, nodes)], is_len)
         Y = Y * np.clip(IS, 0, 1)[..., None] ** gamma
     return {"male": male, "P": P, "Y": Y.astype(np.float32), "nodes": nodes}
 
@@ -108,18 +171,25 @@ def make_model(hidden: int, depth: int, gated: bool, seed: int) -> NLM:
 
 
 def predict(model: NLM, male, P, sparse: bool, k_hop: int, prune_tau: float = 0.0):
-    """(N, N, T) logits (-inf off the sparse support), the counted floats of the forward and the surviving nnz."""
+    """(N, N, T) logits (-30 off the sparse support), the counted floats of the forward and the consumed nnz: the
+    hyperedges (arity 2 and 3) held after pruning that a later layer or a head reads, summed over layers."""
     n = len(male)
     model.reset_count()
     if not sparse:
         heads, _ = model.forward_dense(dense_inputs(male, P), n)
-        return heads[2], model.count(), n * n + n ** 3
+        return heads[2], model.count(), dense_consumed_nnz(model, n)
     E2, E3 = local_supports(P, k_hop)
     heads, _, S = model.forward_sparse(sparse_inputs(male, P, E2, E3), n, prune_tau)
     out = torch.full((n, n, len(TARGETS)), -30.0)
     idx, logits = heads[2]
     out[idx[:, 0], idx[:, 1]] = logits
-    return out, model.count(), int(S[2][0].shape[0] + S[3][0].shape[0])
+    return out, model.count(), model.consumed_nnz()
+
+
+def dense_consumed_nnz(model: NLM, n: int) -> int:
+    """The dense NLM's consumed hyperedges: every layer holds all n^r tuples of every arity >= 2 (last: headed only)."""
+    depth, B = len(model.layers), len(model.out_dims) - 1
+    return sum(n ** r for i in range(depth) for r in range(2, B + 1) if i < depth - 1 or model.out_dims[r])
 
 
 def train(model: NLM, examples, sparse: bool, k_hop: int, steps: int, lr: float, hoyer_weight: float,

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as Fnn
 
 from .nlm import NLM, hoyer, tuple_keys
-from .spaloc import local_supports, sample_subgraph
+from .spaloc import dense_consumed_nnz, local_supports, sample_subgraph
 
 
 def kg_index(splits: dict) -> tuple[dict, list[str], list[str]]:
@@ -78,17 +78,18 @@ def supports(T: np.ndarray, k_hop: int):
 
 
 def predict(model: NLM, T: np.ndarray, sparse: bool, k_hop: int, prune_tau: float = 0.0):
-    """(n, n, R) logits (-30 off the sparse support), counted activation floats, surviving hyperedges (arity 2 + 3)."""
+    """(n, n, R) logits (-30 off the sparse support), counted activation floats, consumed hyperedges (arity 2 + 3 held
+    after pruning that a later layer or a head reads, summed over layers)."""
     n, _, R = T.shape
     model.reset_count()
     if not sparse:
         heads, _ = model.forward_dense(dense_inputs(T), n)
-        return heads[2], model.count(), n * n + n ** 3
+        return heads[2], model.count(), dense_consumed_nnz(model, n)
     heads, _, S = model.forward_sparse(sparse_inputs(T, *supports(T, k_hop)), n, prune_tau)
     out = torch.full((n, n, R), -30.0)
     idx, logits = heads[2]
     out[idx[:, 0], idx[:, 1]] = logits
-    return out, model.count(), int(S[2][0].shape[0] + S[3][0].shape[0])
+    return out, model.count(), model.consumed_nnz()
 
 
 def sample_examples(train: np.ndarray, n: int, n_rel: int, n_sub: int, sub_size: int, fanouts: list[int],

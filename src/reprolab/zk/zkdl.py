@@ -8,7 +8,8 @@ What is proven, for X (B, d0) -> Z1 = X W1 -> zkReLU -> A1 -> Z2 = A1 W2 -> resc
 * five matrix products (Z1, Z2, G_A1 = G_Z2 W2^T, G_W2 = A1^T G_Z2, G_W1 = X^T G_Z1), each by Thaler's sumcheck:
   C~(r_i, r_j) = sum_k A~(r_i, k) B~(k, r_j);
 * zkReLU: each fixed-point rescale X = 2^q X' + R is given as auxiliary bit planes (q remainder bits, then X' in
-  two's complement, sign bit S last); the prover shows every plane is binary (sumcheck of eq * b * (b - 1) = 0), the
+  two's complement, sign bit S last, 30 value bits in all so that the decomposition is unique in the field, padded
+  to 32 planes with zero planes); the prover shows every plane is binary (sumcheck of eq * b * (b - 1) = 0), the
   recomposition (linear, checked at a random point) and the Hadamard relations A = (1 - S) * Z' and
   G_Z = (1 - S) * G_A' (sumcheck of eq * (1 - S) * Z');
 * the linear relations G_Z2 = Z2' - Y and W_new = W - G_W' at a random point.
@@ -28,13 +29,34 @@ import numpy as np
 from .sumcheck import (OPS, P, Transcript, eq_eval, eq_vector, from_field, matmul, mle_eval, mle_eval_partial,
                        num_vars, sumcheck_prove, sumcheck_verify, to_field)
 
-PLANES = 32  # bit planes per rescale: q remainder bits + (32 - q) two's-complement bits of the output
+PLANES = 32  # stored bit planes per rescale (a power of two, for the MLE): the value bits, then zero padding
+VALUE_BITS = 30  # value bits: q remainder bits + (VALUE_BITS - q) two's-complement bits of the output, sign bit last
+# Soundness of the bit decomposition needs the 2^VALUE_BITS representable integers [-2^(VALUE_BITS-1), 2^(VALUE_BITS-1))
+# to be distinct modulo p: 2^VALUE_BITS <= p. With 32 value bits (the first version) every field element had TWO
+# valid decompositions (v and v + 2^(q-1) - p), which let a prover zero a positive ReLU output undetected (see
+# ``forge_relu_drop``); 31 bits still leave one colliding pair, so 30 is the largest sound choice for p = 2^31 - 1.
+assert 2**VALUE_BITS <= P
 
 
 @dataclass(frozen=True)
 class FixedPoint:
     Q: int = 8  # fractional bits of activations and weights
     lr_shift: int = 8  # learning rate 2^-lr_shift (applied to the batch-summed gradient)
+    bits: int = VALUE_BITS  # value bits per rescale (<= PLANES); 32 reproduces the unsound first version
+
+    def __post_init__(self):
+        if not (self.Q + self.lr_shift < self.bits <= PLANES):
+            raise ValueError(f"bits={self.bits}: need Q + lr_shift < bits <= {PLANES}")
+
+    @property
+    def sound(self) -> bool:
+        """Whether every field element has at most one decomposition into ``bits`` value bits (2^bits <= p)."""
+        return 2**self.bits <= P
+
+    @property
+    def sign(self) -> int:
+        """Index of the sign plane."""
+        return self.bits - 1
 
 
 # ---------------------------------------------------------------- fixed-point training step (the witness)
@@ -42,23 +64,32 @@ def quantize(x: np.ndarray, Q: int) -> np.ndarray:
     return np.round(np.asarray(x, dtype=np.float64) * (1 << Q)).astype(np.int64)
 
 
-def rescale(X: np.ndarray, q: int) -> tuple[np.ndarray, np.ndarray]:
-    """Round to nearest: X + 2^(q-1) = 2^q X' + R with 0 <= R < 2^q; returns X' and the (PLANES, *X.shape) 0/1 bit
-    planes [R bits, X' bits] (floor alone would bias every SGD step downwards)."""
-    nbits = PLANES - q
-    Xp = (X + (1 << (q - 1))) >> q  # (rows, cols)
-    R = X + (1 << (q - 1)) - (Xp << q)
+def decompose(V: np.ndarray, q: int, bits: int = VALUE_BITS) -> tuple[np.ndarray, np.ndarray]:
+    """Bit planes of V = 2^q X' + R (0 <= R < 2^q, X' in ``bits - q``-bit two's complement): returns X' and the
+    (PLANES, *V.shape) 0/1 planes [R bits, X' bits, zero padding]. Raises if X' is out of the signed range."""
+    nbits = bits - q
+    Xp = V >> q  # (rows, cols)
+    R = V - (Xp << q)
     assert np.all((Xp >= -(1 << (nbits - 1))) & (Xp < (1 << (nbits - 1)))), "value out of the signed range"
     U = np.where(Xp < 0, Xp + (1 << nbits), Xp)  # two's complement, sign bit = bit nbits-1
-    bits = [(R >> j) & 1 for j in range(q)] + [(U >> j) & 1 for j in range(nbits)]
-    return Xp, np.stack(bits).astype(np.int64)  # (PLANES, rows, cols)
+    planes = [(R >> j) & 1 for j in range(q)] + [(U >> j) & 1 for j in range(nbits)]
+    planes += [np.zeros_like(R)] * (PLANES - bits)
+    return Xp, np.stack(planes).astype(np.int64)  # (PLANES, rows, cols)
 
 
-def plane_weights(q: int) -> tuple[np.ndarray, np.ndarray]:
-    """Weights w with X + 2^(q-1) = sum_j w_j bit_j, and w' with X' = sum_j w'_j bit_j (as field elements)."""
-    nbits = PLANES - q
-    w_x = [1 << j for j in range(q)] + [(1 << (q + j)) for j in range(nbits - 1)] + [-(1 << (q + nbits - 1))]
-    w_xp = [0] * q + [(1 << j) for j in range(nbits - 1)] + [-(1 << (nbits - 1))]
+def rescale(X: np.ndarray, q: int, bits: int = VALUE_BITS) -> tuple[np.ndarray, np.ndarray]:
+    """Round to nearest: X + 2^(q-1) = 2^q X' + R with 0 <= R < 2^q; returns X' and the (PLANES, *X.shape) 0/1 bit
+    planes [R bits, X' bits, zero padding] (floor alone would bias every SGD step downwards)."""
+    return decompose(X + (1 << (q - 1)), q, bits)
+
+
+def plane_weights(q: int, bits: int = VALUE_BITS) -> tuple[np.ndarray, np.ndarray]:
+    """Weights w with X + 2^(q-1) = sum_j w_j bit_j, and w' with X' = sum_j w'_j bit_j (as field elements); the
+    padding planes have weight 0 (and are checked to be zero)."""
+    nbits = bits - q
+    pad = [0] * (PLANES - bits)
+    w_x = [1 << j for j in range(q)] + [(1 << (q + j)) for j in range(nbits - 1)] + [-(1 << (q + nbits - 1))] + pad
+    w_xp = [0] * q + [(1 << j) for j in range(nbits - 1)] + [-(1 << (nbits - 1))] + pad
     return to_field(w_x), to_field(w_xp)
 
 
@@ -66,25 +97,63 @@ def train_step(X, Y, W1, W2, fp: FixedPoint) -> dict[str, np.ndarray]:
     """One SGD step in signed fixed point; returns every tensor of the trace (signed int64) incl. bit planes.
 
     X (B, d0), Y (B, c) one-hot and W at scale 2^Q; products are at scale 2^2Q and rescaled by zkReLU's bits."""
-    Q, q_g = fp.Q, fp.Q + fp.lr_shift
+    Q, q_g, nb = fp.Q, fp.Q + fp.lr_shift, fp.bits
     w = {"X": X, "Y": Y, "W1": W1, "W2": W2}
     w["Z1"] = X @ W1  # (B, n) scale 2Q
-    w["Zp1"], w["B_Z1"] = rescale(w["Z1"], Q)  # (B, n) scale Q
-    S1 = w["B_Z1"][-1]  # sign bit of Z1'
+    w["Zp1"], w["B_Z1"] = rescale(w["Z1"], Q, nb)  # (B, n) scale Q
+    return _finish_step(w, fp)
+
+
+def _finish_step(w: dict, fp: FixedPoint) -> dict:
+    """The rest of ``train_step`` after Z1's rescale (shared with the forgery, which replaces that rescale)."""
+    Q, q_g, nb = fp.Q, fp.Q + fp.lr_shift, fp.bits
+    X, Y, W1, W2 = w["X"], w["Y"], w["W1"], w["W2"]
+    S1 = w["B_Z1"][fp.sign]  # sign bit of Z1'
     w["A1"] = (1 - S1) * w["Zp1"]  # ReLU, (B, n)
     w["Z2"] = w["A1"] @ W2  # (B, c) scale 2Q
-    w["Z2p"], w["B_Z2"] = rescale(w["Z2"], Q)
+    w["Z2p"], w["B_Z2"] = rescale(w["Z2"], Q, nb)
     w["GZ2"] = w["Z2p"] - Y  # square-loss gradient, (B, c) scale Q
     w["GA1"] = w["GZ2"] @ W2.T  # (B, n) scale 2Q
-    w["GA1p"], w["B_GA1"] = rescale(w["GA1"], Q)
+    w["GA1p"], w["B_GA1"] = rescale(w["GA1"], Q, nb)
     w["GZ1"] = (1 - S1) * w["GA1p"]  # ReLU backward
     w["GW2"] = w["A1"].T @ w["GZ2"]  # (n, c) scale 2Q
-    w["GW2p"], w["B_GW2"] = rescale(w["GW2"], q_g)  # scale Q after the 2^-lr_shift step
+    w["GW2p"], w["B_GW2"] = rescale(w["GW2"], q_g, nb)  # scale Q after the 2^-lr_shift step
     w["GW1"] = X.T @ w["GZ1"]  # (d0, n) scale 2Q
-    w["GW1p"], w["B_GW1"] = rescale(w["GW1"], q_g)
+    w["GW1p"], w["B_GW1"] = rescale(w["GW1"], q_g, nb)
     w["W1n"] = W1 - w["GW1p"]
     w["W2n"] = W2 - w["GW2p"]
     return w
+
+
+def forge_relu_drop(X, Y, W1, W2, fp: FixedPoint, i: int, j: int, force: bool = False) -> dict | None:
+    """The review's structured forgery (reviews/reason-security-science.md, zkdl appendix): a training step in which
+    the positive pre-activation Z1[i, j] is rescaled through the SECOND field representation of the same element,
+    v + 2^(q-1) - p, whose sign bit is 1, so that ReLU outputs 0 and the unit's gradient is dropped; every later tensor
+    is recomputed consistently.
+
+    When that representation does not fit in ``fp.bits`` value bits (the sound encoding, 2^bits <= p) it returns None,
+    or with ``force`` sends it anyway: its low ``fp.bits - 1`` bit planes with the sign plane set (so that ReLU still
+    outputs 0), which no longer recompose to Z1's field element."""
+    Q = fp.Q
+    w = {"X": X, "Y": Y, "W1": W1, "W2": W2}
+    w["Z1"] = X @ W1
+    w["Zp1"], w["B_Z1"] = rescale(w["Z1"], Q, fp.bits)
+    if w["Zp1"][i, j] <= 0:
+        raise ValueError("the forgery targets a positive ReLU input")
+    alt = np.array([[int(w["Z1"][i, j]) + (1 << (Q - 1)) - P]], dtype=np.int64)  # same field element, other integer
+    try:
+        Xpp, planes = decompose(alt, Q, fp.bits)
+    except AssertionError:
+        if not force:
+            return None
+        Xpp, planes = decompose(alt, Q, PLANES)  # the 32-bit decomposition (2^32 > p)
+        planes[fp.bits:] = 0
+        planes[fp.sign] = 1
+    w["Zp1"] = w["Zp1"].copy()
+    w["B_Z1"] = w["B_Z1"].copy()
+    w["Zp1"][i, j] = Xpp[0, 0]
+    w["B_Z1"][:, i, j] = planes[:, 0, 0]
+    return _finish_step(w, fp)
 
 
 PUBLIC = ("X", "Y")  # known to the verifier; everything else is the prover's witness
@@ -134,7 +203,10 @@ def _rand_point(tr, shape):
     return tr.challenges(sum(num_vars(s) for s in shape))
 
 
-SIGN_PLANE = [1] * num_vars(PLANES)  # index PLANES-1 in binary (all ones)
+def plane_point(index: int) -> list[int]:
+    """The hypercube point of plane ``index`` (first variable = most significant bit)."""
+    m = num_vars(PLANES)
+    return [(index >> (m - 1 - k)) & 1 for k in range(m)]
 
 
 # ---------------------------------------------------------------- prover
@@ -158,7 +230,7 @@ def prove(w: dict, fp: FixedPoint) -> dict:
         proof["bits"].append(msgs)
     for out, bits, inp in hadamards:
         r = _rand_point(tr, w[out].shape)
-        one_minus_S = (1 - w[bits][-1]) % P
+        one_minus_S = (1 - w[bits][fp.sign]) % P
         msgs, _, _ = sumcheck_prove([eq_vector(r), one_minus_S, w[inp]], tr, "had")
         proof["hadamard"].append(msgs)
     return proof
@@ -194,16 +266,16 @@ def verify(w: dict, proof: dict, fp: FixedPoint) -> tuple[bool, str]:
         OPS.mul += 2
         if not ok:
             return False, f"hadamard {out}"
-        s = open_at(w, bits, SIGN_PLANE + rf)
+        s = open_at(w, bits, plane_point(fp.sign) + rf)
         if red != eq_eval(r, rf) * ((1 - s) % P) % P * open_at(w, inp, rf) % P:
             return False, f"hadamard {out}"
     for src, bits, out, q in rescales:  # recomposition, linear: one random point each
         r = _rand_point(tr, w[src].shape)
         planes = mle_eval_partial(w[bits], r)  # Bits~(j, r) for every plane j, (PLANES,)
-        w_x, w_xp = plane_weights(q)
+        w_x, w_xp = plane_weights(q, fp.bits)
         OPS.mul += 2 * PLANES
         if (open_at(w, src, r) + (1 << (q - 1))) % P != int((planes * w_x % P).sum() % P) or \
-                open_at(w, out, r) != int((planes * w_xp % P).sum() % P):
+                open_at(w, out, r) != int((planes * w_xp % P).sum() % P) or np.any(planes[fp.bits:] != 0):
             return False, f"recompose {bits}"
     for terms in linears:
         r = _rand_point(tr, w[terms[0][1]].shape)
@@ -222,24 +294,32 @@ def proof_size(proof: dict) -> int:
 def reexecute(w: dict, fp: FixedPoint) -> bool:
     """The naive verifier: recompute the whole trace (incl. the auxiliary bits) from X, Y, W1, W2 and compare.
 
-    Matrix products run in the field (counted in OPS); elementwise work is counted as 10 ops per entry (generous)."""
-    Q, q_g = fp.Q, fp.Q + fp.lr_shift
+    Matrix products run in the field (counted in OPS); elementwise work is counted as 10 ops per entry (generous).
+    A value outside the encoding's signed range cannot come from an honest step: rejected."""
+    try:
+        return _reexecute(w, fp)
+    except AssertionError:  # raised by ``decompose``: out of the signed range
+        return False
+
+
+def _reexecute(w: dict, fp: FixedPoint) -> bool:
+    Q, q_g, nb = fp.Q, fp.Q + fp.lr_shift, fp.bits
     s = from_field
     X, Y, W1, W2 = (w[k] for k in ("X", "Y", "W1", "W2"))
     t = {}
     t["Z1"] = matmul(X, W1)
-    Zp1, t["B_Z1"] = rescale(s(t["Z1"]), Q)
-    t["A1"] = to_field((1 - t["B_Z1"][-1]) * Zp1)
+    Zp1, t["B_Z1"] = rescale(s(t["Z1"]), Q, nb)
+    t["A1"] = to_field((1 - t["B_Z1"][fp.sign]) * Zp1)
     t["Z2"] = matmul(t["A1"], W2)
-    Z2p, t["B_Z2"] = rescale(s(t["Z2"]), Q)
+    Z2p, t["B_Z2"] = rescale(s(t["Z2"]), Q, nb)
     t["GZ2"] = to_field(Z2p - s(Y))
     t["GA1"] = matmul(t["GZ2"], W2.T)
-    GA1p, t["B_GA1"] = rescale(s(t["GA1"]), Q)
-    t["GZ1"] = to_field((1 - t["B_Z1"][-1]) * GA1p)
+    GA1p, t["B_GA1"] = rescale(s(t["GA1"]), Q, nb)
+    t["GZ1"] = to_field((1 - t["B_Z1"][fp.sign]) * GA1p)
     t["GW2"] = matmul(t["A1"].T, t["GZ2"])
-    GW2p, t["B_GW2"] = rescale(s(t["GW2"]), q_g)
+    GW2p, t["B_GW2"] = rescale(s(t["GW2"]), q_g, nb)
     t["GW1"] = matmul(X.T, t["GZ1"])
-    GW1p, t["B_GW1"] = rescale(s(t["GW1"]), q_g)
+    GW1p, t["B_GW1"] = rescale(s(t["GW1"]), q_g, nb)
     t["W1n"], t["W2n"] = to_field(s(W1) - GW1p), to_field(s(W2) - GW2p)
     t.update(Zp1=to_field(Zp1), Z2p=to_field(Z2p), GA1p=to_field(GA1p), GW2p=to_field(GW2p), GW1p=to_field(GW1p))
     OPS.mul += 10 * (2 * t["Z1"].size + t["Z2"].size + W1.size + W2.size)
