@@ -45,8 +45,14 @@ def test_static_closure_covers_runtime_imports():
         importlib.import_module(heavy)  # third-party imports once, before forking
 
     ctx = mp.get_context("fork")
-    for mod in [m for m in list(sys.modules) if m.startswith("reprolab")]:
-        del sys.modules[mod]
+    saved = {m: sys.modules.pop(m) for m in list(sys.modules) if m.startswith("reprolab")}
+    try:
+        _check_closures(ctx)
+    finally:  # other tests hold references to these modules' classes: put them back
+        sys.modules.update(saved)
+
+
+def _check_closures(ctx):
     for slug in PAPERS:
         queue = ctx.Queue()
         p = ctx.Process(target=_child, args=(_import_lines(slug), queue))

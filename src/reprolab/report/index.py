@@ -129,7 +129,6 @@ def forest(rows: list[dict], path: Path) -> Path:
     ax.grid(axis="x", alpha=0.3)
     handles = [plt.Line2D([], [], color=COLOURS[v], marker="o", lw=2, label=v) for v in VERDICTS]
     ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(0.0, 1.01), ncol=4, fontsize=7, frameon=False)
-    ax.set_title("Every empirical claim: 95% interval of its margin to the pass threshold", fontsize=10, pad=22)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="svg", metadata={"Date": None, "Creator": None})
@@ -178,7 +177,7 @@ table{border-collapse:collapse;width:100%}th,td{border:1px solid #d4d4d4;padding
 font-size:.9em}th{background:#f3f3f3;text-align:left}.num{text-align:right;font-variant-numeric:tabular-nums;
 white-space:nowrap}.score{display:flex;gap:.8em;flex-wrap:wrap;margin:1em 0}.tile{border-radius:6px;padding:.5em 1em;
 min-width:7em}.tile b{display:block;font-size:1.7em}.chip{display:inline-block;border-radius:4px;padding:0 .35em;
-margin:.1em .15em;font-size:.88em;border:1px solid #bbb}small{color:#555}details{margin:1em 0}"""
+margin:.1em .15em;font-size:.88em;border:1px solid #bbb}td:nth-child(3){min-width:22em}small{color:#555}details{margin:1em 0}"""
 
 
 def to_html(rows: list[dict], forest_file: str | None = "forest.svg") -> str:
