@@ -67,3 +67,13 @@ def test_notebook_smoke_runs_and_reruns_identically(slug, tmp_path):
     html = (tmp_path / "reports" / f"{slug}.html").read_text()
     assert "Registry entry: claims, gates and deviations" in html and "Verdicts" in html, \
         "the report shows the registry card (show_card) and the verdicts (show_verdicts)"
+
+
+def test_strip_machine_paths_makes_reports_repository_relative(tmp_path):
+    from reprolab.paths import REPO_ROOT
+    from reprolab.stage import strip_machine_paths
+
+    page = tmp_path / "r.html"
+    page.write_text(f"weights at {REPO_ROOT}/models/minilm-l6 not used; cwd {REPO_ROOT}; https://x.org/a/b\n")
+    strip_machine_paths(page)
+    assert page.read_text() == "weights at models/minilm-l6 not used; cwd .; https://x.org/a/b\n"

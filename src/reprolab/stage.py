@@ -72,6 +72,14 @@ def check_claims(slug: str, metrics_path: Path, params: dict, profile: str | Non
     return metrics
 
 
+def strip_machine_paths(path: Path) -> None:
+    """Make a rendered report repository-relative: library warnings print absolute paths (the model folder, the venv)."""
+    text = path.read_text(encoding="utf-8")
+    clean = text.replace(str(REPO_ROOT) + os.sep, "").replace(str(REPO_ROOT), ".")
+    if clean != text:
+        path.write_text(clean, encoding="utf-8")
+
+
 def run_stage(slug: str, profile: str | None = None, results_root: Path = RESULTS_DIR,
               reports_root: Path = REPORTS_DIR, build_root: Path = BUILD_DIR, render: bool = True,
               params_file: Path | None = None, notebooks_root: Path = NOTEBOOKS_DIR,
@@ -111,6 +119,7 @@ def run_stage(slug: str, profile: str | None = None, results_root: Path = RESULT
         subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--to", "html", "--output-dir",
                         str(reports_root), "--output", slug, str(executed)], check=True, env=env,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        strip_machine_paths(reports_root / f"{slug}.html")
     timings_path = staging / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {"notebook": {}, "benchmarks": {}}
     timings["stage"] = {"profile": profile, "wall_s": round(wall, 1), "peak_rss_mb": round(_child_peak_rss_mb(), 1)}
