@@ -152,3 +152,84 @@ def test_learning_curve_smoke_is_deterministic():
     unl = np.setdiff1d(np.arange(16), lab)
     assert abs(r["trivial_test_mae_mev"] - 1000 * np.mean(np.abs(data["test"][2].numpy() / n - e))) < 1e-9
     assert abs(r["trivial_pool_mae_mev"] - 1000 * np.mean(np.abs(data["E_ref"][unl] / n - e))) < 1e-9
+
+
+def test_eip_itself_arm_is_the_calibrated_eip_by_lstsq():
+    """The EIP-itself baseline arm (review of issue 14): per EIP a scale + offset fitted by numpy.linalg.lstsq on the
+    labelled cells, the EIP whose calibrated fit has the smallest labelled MAE, its calibrated test MAE by hand; the raw
+    pre-training EIP (smallest raw labelled MAE) stays the diagnostic eip_raw."""
+    from reprolab.atoms.eip import label_configs
+    from reprolab.atoms.injection import build_dataset, run_arms
+    cfg = dict(seed=0, seeds=[0], n_pool=12, n_test=5, strain=0.03, rattle=[0.02, 0.1], reference="sw_vink",
+               eips=["kumagai", "tersoff_ea"], budgets=[4], hidden=8, layers=1, epochs=5, pretrain_epochs=5, lr=1e-2,
+               finetune_lr=3e-3, weak_weight=1.0, force_weight=0.0)
+    data = build_dataset(cfg)
+    lab = np.array([1, 4, 7, 9])
+    r = run_arms(data, lab, cfg, seed=0)
+    E_ref_te = label_configs(data["test_configs"], "sw_vink")[0]
+    n = len(data["pool"][0])
+    E_lab = [label_configs([data["pool"][i] for i in lab], e)[0] for e in cfg["eips"]]
+    E_te = [label_configs(data["test_configs"], e)[0] for e in cfg["eips"]]
+    k_raw = int(np.argmin([np.mean(np.abs(E - data["E_ref"][lab])) for E in E_lab]))
+    assert r["pretrain_eip"] == k_raw
+    assert abs(r["eip_raw"]["energy_mae_mev"] - 1000 * np.mean(np.abs(E_te[k_raw] - E_ref_te)) / n) < 1e-9
+    fits = [np.linalg.lstsq(np.c_[E, np.ones(len(E))], data["E_ref"][lab], rcond=None)[0] for E in E_lab]
+    k = int(np.argmin([np.mean(np.abs(a * E + b - data["E_ref"][lab])) for (a, b), E in zip(fits, E_lab)]))
+    a, b = fits[k]
+    want = 1000 * np.mean(np.abs(a * E_te[k] + b - E_ref_te)) / n
+    assert r["eip_calibration"]["eip"] == k
+    assert abs(r["eip_calibration"]["scale"] - a) < 1e-9 and abs(r["eip_itself"]["energy_mae_mev"] - want) < 1e-9
+
+
+def test_calibrate_eip_recovers_an_exact_affine_map_and_the_normal_equations():
+    from reprolab.atoms.injection import calibrate_eip
+    x = np.array([0.1, 0.5, 0.9, 1.7, 2.2])
+    assert np.allclose(calibrate_eip(x, 0.78 * x - 0.3), (0.78, -0.3))
+    y = np.array([0.0, 1.0, 1.0, 3.0, 2.0])
+    # closed form of the simple linear regression: a = cov(x, y) / var(x), b = mean(y) - a mean(x)
+    a = ((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum()
+    assert np.allclose(calibrate_eip(x, y), (a, y.mean() - a * x.mean()))
+
+
+def test_dft_reference_refuses_a_force_term_before_any_work():
+    from reprolab.atoms.injection import build_dataset
+    from reprolab.config import ParamError
+    cfg = dict(seed=0, reference="dft", force_weight=0.5, n_pool=4, n_test=2, strain=0.03, rattle=[0.02, 0.1])
+    with pytest.raises(ParamError, match="force_weight"):
+        build_dataset(cfg)
+
+
+def test_reference_subset_labels_only_referenced_cells(monkeypatch):
+    """reference: dft labels the first n_ref_pool pool cells (and the test cells) only; the labelled subsets and the
+    diagnostics use those cells. The DFT call is replaced by a fast potential here (the DFT itself: the next test)."""
+    import reprolab.atoms.dft as dft
+    from reprolab.atoms.eip import label_configs
+    from reprolab.atoms.injection import build_dataset
+    monkeypatch.setattr(dft, "label_dft", lambda configs, **kw: label_configs(configs, "sw_vink")[0])
+    cfg = dict(seed=0, seeds=[0, 1], n_pool=14, n_test=4, strain=0.03, rattle=[0.02, 0.1], reference="dft", n_ref_pool=6,
+               dft_xc="lda,vwn", dft_basis="gth-szv", dft_ke_cutoff=8.0, eips=["kumagai", "tersoff_ea"], budgets=[3, 6],
+               hidden=8, layers=1, epochs=5, pretrain_epochs=5, lr=1e-2, finetune_lr=3e-3, weak_weight=1.0, force_weight=0.0)
+    data = build_dataset(cfg)
+    assert np.isfinite(data["E_ref"][:6]).all() and np.isnan(data["E_ref"][6:]).all()
+    assert list(data["ref_idx"]) == list(range(6)) and data["test"][3] is None
+    out = learning_curve(data, cfg)
+    for (b, s), r in out.items():
+        assert np.isfinite(r["weak_label_mae_mev"]) and np.isfinite(r["trivial_pool_mae_mev"])
+        assert "force_mae" not in r["reference_only"]
+    # at budget 6 every referenced cell is labelled: no referenced unlabelled cell is left for the diagnostics
+    assert out[(6, 0)]["trivial_pool_mae_mev"] == 0.0
+
+
+def test_dft_labels_are_relative_to_the_ideal_crystal_and_permutation_invariant():
+    """PySCF Gamma-point LDA labels (low cutoff for speed): the ideal cell is 0, a strained cell is above it, and
+    permuting its atoms changes nothing (the energy is a function of the configuration, not the atom order)."""
+    from ase.build import bulk
+    from reprolab.atoms.dft import label_dft
+    from reprolab.atoms.eip import A0
+    ideal = bulk("Si", "diamond", a=A0, cubic=True)
+    at = make_configs(1, 2, strain=0.03, rattle=(0.05, 0.05))[0]
+    perm = at[[3, 1, 7, 0, 5, 2, 6, 4]]
+    E = label_dft([ideal, at, perm], ke_cutoff=6.0)
+    assert abs(E[0]) < 1e-5
+    assert E[1] > 0.01
+    assert abs(E[1] - E[2]) < 1e-5

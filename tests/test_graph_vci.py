@@ -125,3 +125,26 @@ def test_negatives_avoid_forbidden_pairs_and_heldout_split():
     X = (np.eye(2)[mod] + 0.05 * rng.standard_normal((20, 2))).astype(np.float32)
     out = refine_grn(true, X, epochs=150, lr=0.02, width=16, seed=0, holdout=0.2)
     assert out["heldout_auc"] > 0.9 and out["edges"].shape == true.shape
+
+
+def test_feature_edge_auc_equals_pairwise_count():
+    """The premise gate's AUC against a naive Mann-Whitney count over (edge, non-edge) pairs (ties count 1/2)."""
+    from reprolab.bio.graph_vci import feature_edge_auc
+
+    rng = np.random.default_rng(3)
+    G = 12
+    X = rng.standard_normal((G, 3))
+    X[:4] = np.round(X[:4], 0)  # some ties
+    edges = np.array([[i, j] for i in range(G) for j in range(i + 1, G) if rng.random() < 0.3])
+    E = {(int(a), int(b)) for a, b in edges}
+    pos, neg = [], []
+    for i in range(G):
+        for j in range(i + 1, G):
+            s = abs(float(X[i] @ X[j]))
+            (pos if (i, j) in E else neg).append(s)
+    naive = sum(1.0 if p > q else 0.5 if p == q else 0.0 for p in pos for q in neg) / (len(pos) * len(neg))
+    assert abs(feature_edge_auc(X, edges, G) - naive) < 1e-12
+    # features that identify two modules, edges inside the modules: AUC 1
+    mod = np.repeat([0, 1], 6)
+    inside = np.array([[i, j] for i in range(G) for j in range(i + 1, G) if mod[i] == mod[j]])
+    assert feature_edge_auc(np.eye(2)[mod], inside, G) == 1.0

@@ -107,3 +107,47 @@ def test_probe_layer_learns_a_token_level_signal_and_reports_per_sample_ce():
     assert (pred == y.numpy()).mean() > 0.9 and ce.mean() < 0.3
     pred_q, _ = probe_layer(cfg, H, M, y, H, M, epochs=30, lr=3e-3, batch_size=16, seed=0, q=0.7)  # GCE
     assert (pred_q == y.numpy()).mean() > 0.9
+
+
+# ---- the negation-compositional sentiment task (reprolab.data.negation), checked against a naive reference ----
+_POS_REF = {"good", "great", "excellent", "wonderful", "brilliant", "delightful", "enjoyable", "superb", "charming",
+            "moving", "fun", "clever", "beautiful", "fantastic", "impressive", "pleasant", "solid", "lovely",
+            "gripping", "touching"}
+
+
+def _naive_label(text: str) -> int:
+    """Independent reference: positive adjective -> 1, flipped by every 'not' / 'never' / 'nobody' (written out here)."""
+    label = 1 if text.split()[-1] in _POS_REF else 0
+    for w in text.split():
+        if w in ("not", "never", "nobody"):
+            label = 1 - label
+    return label
+
+
+def test_negation_task_labels_balance_and_disjoint_splits():
+    from reprolab.data.negation import negation_task
+
+    tx, ty, sx, sy = negation_task(300, 200, seed=0)
+    assert len(tx) == 300 and len(sx) == 200 and ty.dtype == np.int64
+    assert [_naive_label(t) for t in tx] == ty.tolist() and [_naive_label(t) for t in sx] == sy.tolist()
+    assert ty.sum() == 150 and sy.sum() == 100  # exactly balanced
+    assert not set(tx) & set(sx)
+    a = negation_task(300, 200, seed=0)
+    assert a[0] == tx and a[2] == sx and (a[1] == ty).all()  # deterministic per seed
+    assert negation_task(300, 200, seed=1)[0] != tx
+
+
+def test_negation_task_no_single_word_predicts_the_label():
+    """The premise by construction: the label rate given any word's presence stays near 1/2 (a bag of words is at
+    chance), while the composition (naive reference) is exact."""
+    from reprolab.data.negation import negation_task
+
+    tx, ty, _, _ = negation_task(20000, 2, seed=0)
+    words = sorted({w for t in tx for w in t.split()})
+    for w in words:
+        has = np.array([w in t.split() for t in tx])
+        if has.sum() >= 200:  # binomial z-score of the label rate given the word; |z| < 4.5 over ~90 words
+            z = (ty[has].mean() - 0.5) / np.sqrt(0.25 / has.sum())
+            assert abs(z) < 4.5, (w, ty[has].mean(), has.sum())
+    k = np.array([sum(w in ("not", "never", "nobody") for w in t.split()) for t in tx])
+    assert np.bincount(k).tolist() == pytest.approx([5000, 10000, 5000], rel=0.05)  # 0/1/2 negations: 1/4, 1/2, 1/4

@@ -90,3 +90,29 @@ def test_mask_tokens_spares_special_and_padding(tok):
     assert asked.any()
     assert not (asked & torch.isin(ids, special)).any() and not (asked & (mask == 0)).any()
     assert torch.equal(labels[asked], ids[asked]) and torch.equal(out[~asked], ids[~asked])
+
+
+def test_conditional_asr_matches_naive_loop():
+    """ASR counted only on inputs correctly classified without a trigger, best trigger per label (naive double loop)."""
+    from reprolab.backdoor.metrics import conditional_asr_per_label
+
+    rng = np.random.default_rng(5)
+    K, N, C = 4, 60, 3
+    y = rng.integers(0, C, N)
+    plain = np.where(rng.random(N) < 0.7, y, rng.integers(0, C, N))
+    preds = rng.integers(0, C, (K, N))
+    want = []
+    for c in range(C):
+        best = 0.0
+        for k in range(K):
+            hit = tot = 0
+            for i in range(N):
+                if y[i] != c and plain[i] == y[i]:
+                    tot += 1
+                    hit += int(preds[k, i] == c)
+            best = max(best, hit / tot if tot else 0.0)
+        want.append(best)
+    assert conditional_asr_per_label(preds, plain, y, C).tolist() == pytest.approx(want)
+    # an input the model already gets wrong never counts, whatever the trigger does
+    y2, plain2 = np.array([0, 0, 1]), np.array([1, 0, 1])
+    assert conditional_asr_per_label(np.array([[1, 0, 1]]), plain2, y2, 2).tolist() == [0.0, 0.0]

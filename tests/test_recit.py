@@ -232,3 +232,55 @@ def test_digit_accuracy_is_the_best_positionwise_match():
     cands = [{"phone": "12000000"}, {"phone": "99345699"}, {"phone": "87654321"}]
     assert digit_accuracy(cands, rec) == 4 / 8  # "99345699" matches positions 3-6
     assert digit_accuracy([{"phone": "12345678"}], rec) == 1.0
+
+
+def test_victim_update_is_local_adam_against_a_hand_written_adam():
+    """The victim's client update (k local Adam steps on its batch) against Kingma & Ba's Algorithm 1 written out
+    (torch's eps placement: theta -= lr * m_hat / (sqrt(v_hat) + eps)), with the gradients taken by hand at each step."""
+    from reprolab.privacy.recit import lora_params, victim_update
+
+    pm = _tiny_peft_llama(3)
+    ids = torch.tensor([[3, 9, 27, 41, 9, 60], [5, 5, 12, 33, 48, 2]])
+    batch = (ids, torch.ones_like(ids), ids.clone())
+    lr, b1, b2, eps = 1e-2, 0.9, 0.999, 1e-8
+    theta0 = {n: p.detach().clone() for n, p in lora_params(pm).items()}
+    got = victim_update(pm, batch, [1, 3], lr)
+    for n, p in lora_params(pm).items():  # the adapter is restored
+        assert torch.equal(p, theta0[n])
+    # hand-written Adam on a copy of the same model
+    params = lora_params(pm)
+    m = {n: torch.zeros_like(p) for n, p in params.items()}
+    v = {n: torch.zeros_like(p) for n, p in params.items()}
+    ref = {}
+    for t in range(1, 4):
+        g = _grads_of_ids_masked(pm, batch)
+        with torch.no_grad():
+            for n, p in params.items():
+                m[n] = b1 * m[n] + (1 - b1) * g[n]
+                v[n] = b2 * v[n] + (1 - b2) * g[n] ** 2
+                p -= lr * (m[n] / (1 - b1 ** t)) / ((v[n] / (1 - b2 ** t)).sqrt() + eps)
+        ref[t] = {n: theta0[n] - p.detach() for n, p in params.items()}
+        if t == 1:  # Adam's first update is lr * sign(g) wherever |g| >> eps
+            for n in params:
+                big = g[n].abs() > 1e-4  # then |m_hat / (sqrt(v_hat) + eps)| = 1 - O(eps / |g|)
+                assert big.any() and torch.allclose(ref[1][n][big], lr * g[n].sign()[big], rtol=1e-3, atol=0)
+    for k in (1, 3):
+        for n in params:
+            assert torch.allclose(got[k][n], ref[k][n], atol=1e-6, rtol=1e-4), (k, n)
+    # the victim's model is theta_0 - 1 * g_eq
+    from reprolab.privacy.recit import gradient_applied
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(theta0[n])
+    with gradient_applied(pm, got[3], 1.0):
+        for n, p in lora_params(pm).items():
+            assert torch.allclose(p, theta0[n] - ref[3][n], atol=1e-6)
+
+
+def _grads_of_ids_masked(pm, batch):
+    ids, mask, labels = batch
+    pm.zero_grad()
+    pm(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    g = {n: p.grad.detach().clone() for n, p in pm.named_parameters() if "lora_" in n}
+    pm.zero_grad(set_to_none=True)
+    return g

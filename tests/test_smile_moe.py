@@ -100,13 +100,14 @@ def test_gloo_all2all_equals_single_process_reference():
     N, G, d, h = 2, 2, 6, 8
     layers = {r: MoELayer(d, h, N, G, r) for r in ("switch", "smile")}
     x = torch.randn(4 * 10, d)
-    res = run_distributed({k: v.state_dict() for k, v in layers.items()}, x, N, G, d, h, port=29561, repeats=1)
+    res = run_distributed({k: v.state_dict() for k, v in layers.items()}, x, N, G, d, h, repeats=1)
     for routing, layer in layers.items():
         with torch.no_grad():
             ref, _, idx = layer(x)
         y = torch.cat([r[routing]["y"] for r in res])
         assert torch.allclose(y, ref, atol=1e-5), routing
         sent_inter = sent_intra = 0
+        pairs = {"inter": set(), "intra": set()}  # naive: (src, dst) rank pairs that carry >= 1 token per level
         for e in range(N * G):
             want = (idx == e).nonzero().flatten()
             got = res[e][routing]["recv_ids"]
@@ -122,9 +123,45 @@ def test_gloo_all2all_equals_single_process_reference():
                 if e != src:
                     sent_inter += (e // G != src // G)
                     sent_intra += (e // G == src // G)
+                    pairs["inter" if e // G != src // G else "intra"].add((src, e))
             else:
                 mid = (e // G) * G + src % G  # first hop keeps the local index
                 sent_inter += mid != src
                 sent_intra += e != mid
+                if mid != src:
+                    pairs["inter"].add((src, mid))
+                if e != mid:
+                    pairs["intra"].add((mid, e))
         got_b = {lvl: sum(r[routing]["bytes"][lvl] for r in res) for lvl in ("inter", "intra")}
         assert got_b == {"inter": 2 * sent_inter * d * 4, "intra": 2 * sent_intra * d * 4}, routing
+        # messages: one dispatch per non-empty (src, dst) pair and one combine back, per level
+        got_m = {lvl: sum(r[routing]["msgs"][lvl] for r in res) for lvl in ("inter", "intra")}
+        assert got_m == {lvl: 2 * len(v) for lvl, v in pairs.items()}, routing
+        if routing == "smile":  # each rank talks to at most N - 1 ranks across nodes (Switch: up to G (N - 1))
+            assert all(r[routing]["msgs"]["inter"] <= 2 * (N - 1) for r in res)
+
+
+def test_same_seed_same_init_of_every_non_router_parameter():
+    """Pairing by seed: Switch and SMILE draw different numbers of router weights, yet for the same seed every other
+    parameter (embeddings, attention, experts of every block, head) must be identical, and the global random stream
+    after construction too (so later draws, e.g. dropout or batches, stay paired)."""
+    from reprolab.moe.smile import MoELM
+
+    params, after = {}, {}
+    for routing in ("switch", "smile"):
+        torch.manual_seed(0)
+        params[routing] = dict(MoELM(60, 16, 2, 24, 3, 8, 4, 4, routing).named_parameters())
+        after[routing] = torch.rand(4)
+    shared = [n for n in params["switch"] if ".router." not in n]
+    assert shared == [n for n in params["smile"] if ".router." not in n]
+    assert len(shared) > 10 and any("experts" in n for n in shared) and "head.weight" in shared
+    for n in shared:
+        assert torch.equal(params["switch"][n], params["smile"][n]), n
+    assert torch.equal(after["switch"], after["smile"])
+    # the routers themselves are still random (not all equal to zero, different across blocks)
+    r = params["smile"]
+    assert not torch.equal(r["blocks.0.moe.router.w_local"], r["blocks.1.moe.router.w_local"])
+    # and a different seed changes the shared parameters (the pairing is by seed, not a constant init)
+    torch.manual_seed(1)
+    other = dict(MoELM(60, 16, 2, 24, 3, 8, 4, 4, "switch").named_parameters())
+    assert not torch.equal(other["blocks.0.moe.experts.w1"], params["switch"]["blocks.0.moe.experts.w1"])

@@ -198,7 +198,8 @@ def test_neighbor_sampler_size_and_truncation():
 
 def test_consumed_gates_and_nnz_exclude_dead_outputs():
     """The last layer's arity-3 outputs have no head: their gates are not in the Hoyer loss and pruning them (or not)
-    leaves the consumed-hyperedge count unchanged; intermediate pruning lowers it."""
+    leaves the consumed-hyperedge count unchanged; intermediate pruning lowers it; the last layer's headed outputs
+    (the candidates the head scores) are never pruned."""
     tree = generate_family_tree(20, np.random.default_rng(8))
     P = tree.parent_matrix()
     depth = 3
@@ -209,7 +210,7 @@ def test_consumed_gates_and_nnz_exclude_dead_outputs():
         _, alphas, _ = model.forward_sparse(S, 20, 0.0)
         assert len(alphas) == 2 * (depth - 1) + 1  # arity 2 and 3 per layer, last layer arity 2 only
         full = model.consumed_nnz()
-        assert full == (depth - 1) * (len(E2) + len(E3)) + len(E2)
+        assert full == (depth - 1) * (len(E2) + len(E3))  # intermediate layers only
         model.layers[-1].gate[3].bias.fill_(-100.0)  # every dead output pruned
         model.forward_sparse(S, 20, 0.5)
         n_dead_pruned = model.consumed_nnz()
@@ -226,3 +227,74 @@ def test_consumed_gates_and_nnz_exclude_dead_outputs():
         model2.layers[-1].gate[3].bias.fill_(100.0)
         model2.forward_sparse(S, 20, 0.999)
     assert kept == model2.consumed_nnz()
+    model3 = make_model(4, depth, gated=True, seed=0)
+    with torch.no_grad():
+        for layer in model3.layers[:-1]:  # intermediate layers keep everything
+            layer.gate[2].bias.fill_(100.0)
+            layer.gate[3].bias.fill_(100.0)
+        model3.layers[-1].gate[2].bias.fill_(-100.0)  # every headed output has importance ~0: still scored
+        heads, _, _ = model3.forward_sparse(S, 20, 0.5)
+    assert len(heads[2][0]) == len(E2)
+
+
+def test_neighbor_sampler_truncates_randomly_not_in_bfs_order():
+    """Official SubgraphNeighborDataset.__sample_nodes__ (SpaLoc difflogic/dataset/graph/subgraph.py:191-232) keeps a
+    RANDOM subset of the sampled neighbourhood (:230-231), not its first nodes in BFS order. On a path graph the
+    neighbourhood of one seed is an interval; BFS-order truncation keeps a contiguous ball around the seed, random
+    truncation keeps scattered nodes, and each sampled node survives with probability size / |neighbourhood|."""
+    from reprolab.reason.spaloc import sample_neighbor_subgraph, sample_subgraph
+
+    n = 80
+    A = np.zeros((n, n), dtype=bool)
+    A[np.arange(n - 1), np.arange(1, n)] = A[np.arange(1, n), np.arange(n - 1)] = True
+    fan = [1, 6, 6, 6, 6]  # one seed; 6 draws (with replacement) of 2 neighbours reach both almost surely: radius 4
+    contiguous = lambda s: bool((np.diff(s) == 1).all())  # noqa: E731
+    rand = [sample_neighbor_subgraph(A, 5, fan, np.random.default_rng(s)) for s in range(300)]
+    bfs = [sample_subgraph(A, 5, fan, np.random.default_rng(s)) for s in range(300)]
+    assert all(len(s) == 5 for s in rand)
+    assert np.mean([contiguous(s) for s in bfs]) > 0.95  # the earlier sampler: connected balls
+    # a random 5-subset of a 9-node interval is contiguous with probability 5 / C(9, 5) = 0.04
+    assert np.mean([contiguous(s) for s in rand]) < 0.15
+    # the span of a random 5-subset of 9 consecutive nodes is 8 (both ends kept) with probability C(7,3)/C(9,5) = 0.28
+    # (a little less here: near the path's ends the neighbourhood is shorter); BFS order never keeps the radius-4 ends
+    spans = np.array([s[-1] - s[0] for s in rand])
+    assert 0.15 < np.mean(spans == 8) < 0.42
+    assert np.mean([s[-1] - s[0] == 8 for s in bfs]) == 0.0
+
+
+def test_run_training_in_processes_equals_in_process():
+    """Parallel (spawned, single-threaded) training gives bit-identical weights and losses to in-process training."""
+    from reprolab.reason import spaloc
+
+    tree = generate_family_tree(40, np.random.default_rng(9))
+    rel = spaloc.family_relations(tree)
+    A = tree.parent_matrix() | tree.parent_matrix().T
+    W = walk_counts(A, 2)
+    rng = np.random.default_rng(0)
+    ex = [spaloc.subgraph_example(tree, rel, W, spaloc.sample(A, 10, [2, 4], rng, "neighbor"), 2, 0.3) for _ in range(4)]
+    jobs = [{"make": (spaloc.make_model, dict(hidden=4, depth=2, gated=sparse, seed=s)),
+             "train": (spaloc.train, dict(examples=ex, sparse=sparse, k_hop=2, steps=6, lr=0.01,
+                                          hoyer_weight=1e-3 if sparse else 0.0, rng=None))}
+            for s in (0, 1) for sparse in (True, False)]
+    seq = spaloc.run_training(jobs, workers=1)
+    par = spaloc.run_training(jobs, workers=2)
+    for (sd1, l1, _), (sd2, l2, _) in zip(seq, par):
+        assert l1 == l2
+        assert all(torch.equal(sd1[k], sd2[k]) for k in sd1)
+
+
+def test_nnz_at_threshold_counts_important_intermediate_hyperedges():
+    """On an unpruned forward, consumed_nnz(tau) = number of intermediate-layer gates >= tau (the official count of
+    hyperedges whose importance clears the threshold), read off the returned gate tensors; tau = 0 counts all."""
+    tree = generate_family_tree(20, np.random.default_rng(10))
+    P = tree.parent_matrix()
+    depth = 3
+    model = make_model(4, depth, gated=True, seed=1)
+    E2, E3 = local_supports(P, 2)
+    with torch.no_grad():
+        _, alphas, _ = model.forward_sparse(sparse_inputs(tree.male, P, E2, E3), 20, 0.0)
+    inter = alphas[:2 * (depth - 1)]  # arity 2 and 3 of layers 0 .. depth-2
+    for tau in (0.3, 0.5, 0.7):
+        assert model.consumed_nnz(tau) == sum(int((a >= tau).sum()) for a in inter)
+    assert model.consumed_nnz(0.0) == sum(a.numel() for a in inter) == (depth - 1) * (len(E2) + len(E3))
+    assert 0 < model.consumed_nnz(0.5) < model.consumed_nnz(0.0)

@@ -9,6 +9,9 @@ NeurIPS 2022, https://arxiv.org/abs/2210.08047).
   EIP that is best on the labelled set), then fine-tune all its weights on the reference labels.
 * Combined: pre-train as in 2, then fine-tune with the loss of 1.
 * Baseline: the same NN trained on the reference labels only.
+* Baseline: the EIP itself, calibrated: per EIP a least-squares scale and offset (E_ref ~ a E_EIP + b) fitted on the
+  labelled cells; the arm is the EIP whose calibrated fit has the smallest energy MAE on the labelled cells (added
+  after the review of issue 14: the SW-Vink stand-in is, on these near-harmonic cells, a rescaled Tersoff EIP).
 """
 from __future__ import annotations
 
@@ -34,6 +37,26 @@ def config_features(G: torch.Tensor) -> np.ndarray:
 def best_eip_labels(E_ref: np.ndarray, E_eips: np.ndarray, n_atoms: int) -> np.ndarray:
     """Index of the EIP with the smallest per-atom energy error, per configuration. E_eips: (K, C)."""
     return np.abs(E_eips - E_ref[None]).argmin(0) if len(E_ref) else np.zeros(0, int)
+
+
+def calibrate_eip(E_eip_lab: np.ndarray, E_ref_lab: np.ndarray) -> tuple[float, float]:
+    """Least-squares scale a and offset b of E_ref ~ a * E_eip + b on the labelled cells (total energies)."""
+    A = np.stack([np.asarray(E_eip_lab, float), np.ones(len(E_eip_lab))], 1)
+    (a, b), *_ = np.linalg.lstsq(A, np.asarray(E_ref_lab, float), rcond=None)
+    return float(a), float(b)
+
+
+def calibrated_eip_arm(E_eip: np.ndarray, E_ref: np.ndarray, labelled: np.ndarray, E_eip_test: np.ndarray,
+                       E_test: np.ndarray, n_atoms: int) -> dict:
+    """The calibrated-EIP baseline: for each EIP k (rows of E_eip (K, C) / E_eip_test (K, T)) fit a, b on the
+    labelled cells, pick the EIP with the smallest calibrated energy MAE on the labelled cells, and return its test
+    energy MAE (meV/atom), its index and its a, b."""
+    fits = [calibrate_eip(E_eip[k, labelled], E_ref[labelled]) for k in range(len(E_eip))]
+    fit_mae = [np.abs(a * E_eip[k, labelled] + b - E_ref[labelled]).mean() for k, (a, b) in enumerate(fits)]
+    k = int(np.argmin(fit_mae))
+    a, b = fits[k]
+    mae = float(np.abs(a * E_eip_test[k] + b - E_test).mean() / n_atoms * 1000)
+    return {"energy_mae_mev": mae, "eip": k, "scale": a, "offset": b}
 
 
 def fit_eip_classifier(X: np.ndarray, y: np.ndarray, seed: int):
@@ -77,9 +100,12 @@ def _energy(model, G):
 
 
 def evaluate(model: BPModel, G, J, E, F) -> dict:
-    """Energy MAE (meV/atom) and force-component MAE (eV/A) on a labelled set."""
-    Ep, Fp = model.energy_forces(G, J)
+    """Energy MAE (meV/atom) and force-component MAE (eV/A) on a labelled set (no force MAE when F is None: a
+    reference without forces)."""
     n = G.shape[1]
+    if F is None:
+        return {"energy_mae_mev": float(((_energy(model, G) - E).abs() / n).mean() * 1000)}
+    Ep, Fp = model.energy_forces(G, J)
     return {"energy_mae_mev": float(((Ep.detach() - E).abs() / n).mean() * 1000),
             "force_mae": float((Fp.detach() - F).abs().mean())}
 
@@ -93,6 +119,8 @@ def run_arms(data: dict, labelled: np.ndarray, cfg: dict, seed: int, pretrained:
     G, J = data["G"], data["J"]
     n_atoms = G.shape[1]
     unl = np.setdiff1d(np.arange(len(G)), labelled)
+    # unlabelled cells whose reference label exists (all of them, or the reference subset): the diagnostics only
+    unl_ref = np.setdiff1d(data.get("ref_idx", np.arange(len(G))), labelled)
     t = torch.as_tensor
     # weak labels: classifier trained on the labelled configurations only
     X = config_features(G)
@@ -100,7 +128,8 @@ def run_arms(data: dict, labelled: np.ndarray, cfg: dict, seed: int, pretrained:
     pick = fit_eip_classifier(X[labelled], y, seed)(X[unl])  # (U,)
     E_weak = data["E_eip"][pick, unl]
     F_weak = data["F_eip"][pick, unl]
-    truth = best_eip_labels(data["E_ref"][unl] / n_atoms, data["E_eip"][:, unl] / n_atoms, n_atoms)
+    truth = best_eip_labels(data["E_ref"][unl_ref] / n_atoms, data["E_eip"][:, unl_ref] / n_atoms, n_atoms)
+    pick_ref = pick[np.searchsorted(unl, unl_ref)]  # the classifier's choice on those cells
     # pre-training EIP: the one with the smallest energy MAE on the labelled set
     mae_eip = np.abs(data["E_eip"][:, labelled] - data["E_ref"][labelled][None]).mean(1)
     k_pt = int(mae_eip.argmin())
@@ -108,6 +137,11 @@ def run_arms(data: dict, labelled: np.ndarray, cfg: dict, seed: int, pretrained:
     L = (G[labelled], J[labelled], t(data["E_ref"][labelled]), t(data["F_ref"][labelled]), 1.0)
     U_weak = (G[unl], J[unl], t(E_weak), t(F_weak), cfg["weak_weight"])
     U_pt = (G, J, t(data["E_eip"][k_pt]), t(data["F_eip"][k_pt]), 1.0)  # the whole pool: EIP labels are cheap
+    # the EIP itself as an arm, calibrated (scale + offset fitted on the labelled cells; review of issue 14); the raw
+    # pre-training EIP's test error is kept as a diagnostic (eip_raw)
+    n_te = data["test"][0].shape[1]
+    eip_raw = float(np.abs(data["E_eip_test"][k_pt] - data["test"][2].numpy()).mean() / n_te * 1000)
+    cal = calibrated_eip_arm(data["E_eip"], data["E_ref"], labelled, data["E_eip_test"], data["test"][2].numpy(), n_te)
 
     torch.manual_seed(seed)
     init = BPModel(G.shape[2], cfg["hidden"], cfg["layers"], data["mu"], data["sigma"])
@@ -126,45 +160,81 @@ def run_arms(data: dict, labelled: np.ndarray, cfg: dict, seed: int, pretrained:
     models["combined"] = train(copy.deepcopy(pre), [L, U_weak], lr=cfg["finetune_lr"], **kw)
     out = {arm: evaluate(m, *data["test"]) for arm, m in models.items()}
     out["pretrained_only"] = evaluate(pre, *data["test"])
-    out["classifier_acc"] = float((pick == truth).mean()) if len(unl) else 0.0
-    out["weak_label_mae_mev"] = float(np.abs(E_weak - data["E_ref"][unl]).mean() / n_atoms * 1000) if len(unl) else 0.0
+    out["eip_itself"] = {"energy_mae_mev": cal["energy_mae_mev"]}
+    out["eip_raw"] = {"energy_mae_mev": eip_raw}
+    out["eip_calibration"] = {"eip": cal["eip"], "scale": cal["scale"], "offset": cal["offset"]}
+    out["classifier_acc"] = float((pick_ref == truth).mean()) if len(unl_ref) else 0.0
+    out["weak_label_mae_mev"] = (float(np.abs(data["E_eip"][pick_ref, unl_ref] - data["E_ref"][unl_ref]).mean() / n_atoms * 1000)
+                                 if len(unl_ref) else 0.0)
     out["pretrain_eip"] = k_pt
     # the trivial predictor: the labelled cells' mean per-atom reference energy, for every configuration
     e_mean = float((data["E_ref"][labelled] / n_atoms).mean())
     out["trivial_test_mae_mev"] = float(np.abs(data["test"][2].numpy() / n_atoms - e_mean).mean() * 1000)
-    out["trivial_pool_mae_mev"] = float(np.abs(data["E_ref"][unl] / n_atoms - e_mean).mean() * 1000) if len(unl) else 0.0
+    out["trivial_pool_mae_mev"] = float(np.abs(data["E_ref"][unl_ref] / n_atoms - e_mean).mean() * 1000) if len(unl_ref) else 0.0
     return out
 
 
+def check_cfg(cfg: dict) -> None:
+    """Refuse settings the code cannot honour, before any work (a ParamError, like reprolab.config's)."""
+    from reprolab.config import ParamError
+
+    if cfg["reference"] == "dft" and cfg["force_weight"] != 0:
+        raise ParamError(f"eip_injection: force_weight must be 0 when reference is 'dft' (the DFT labels carry no "
+                         f"forces); got force_weight={cfg['force_weight']!r}. Allowed: force_weight 0 with reference "
+                         f"dft, any force_weight >= 0 with reference kumagai | sw | sw_vink | tersoff_ea")
+
+
 def build_dataset(cfg: dict) -> dict:
-    """Generate the train pool and test set, label them with the reference and every EIP, and featurize them."""
+    """Generate the train pool and test set, label them with the reference and every EIP, and featurize them.
+
+    With ``reference: dft`` (:mod:`reprolab.atoms.dft`) only the first ``n_ref_pool`` pool cells and the test cells
+    get reference energies (no forces); the other pool cells carry EIP labels only (E_ref is NaN there) and
+    ``ref_idx`` lists the referenced pool cells, from which :func:`learning_curve` draws the labelled subsets."""
     from .bp import featurize
     from .eip import label_configs, make_configs
 
+    check_cfg(cfg)
     kw = dict(strain=cfg["strain"], rattle=tuple(cfg["rattle"]))
     pool = make_configs(cfg["n_pool"], cfg["seed"], **kw)
     test = make_configs(cfg["n_test"], cfg["seed"] + 1, **kw)
-    E_ref, F_ref = label_configs(pool, cfg["reference"])
-    E_te, F_te = label_configs(test, cfg["reference"])
+    n_atoms = len(pool[0])
+    if cfg["reference"] == "dft":
+        from .dft import label_dft
+
+        dkw = dict(xc=cfg["dft_xc"], basis=cfg["dft_basis"], ke_cutoff=cfg.get("dft_ke_cutoff"))
+        n_ref = min(cfg["n_ref_pool"], len(pool))
+        ref_idx = np.arange(n_ref)
+        E_ref = np.full(len(pool), np.nan)
+        E_ref[ref_idx] = label_dft(pool[:n_ref], **dkw)
+        F_ref = np.zeros((len(pool), n_atoms, 3))  # no reference forces (force_weight must be 0)
+        E_te, F_te = label_dft(test, **dkw), None
+    else:
+        ref_idx = np.arange(len(pool))
+        E_ref, F_ref = label_configs(pool, cfg["reference"])
+        E_te, F_te = label_configs(test, cfg["reference"])
     eip = [label_configs(pool, name) for name in cfg["eips"]]
     eip_test = [label_configs(test, name) for name in cfg["eips"]]
     G, J = featurize(pool, jacobian=cfg["force_weight"] > 0)
-    Gt, Jt = featurize(test, jacobian=True)
+    Gt, Jt = featurize(test, jacobian=F_te is not None)
     flat = G.reshape(-1, G.shape[2])
     t = torch.as_tensor
-    return dict(G=G, J=J, E_ref=E_ref, F_ref=F_ref, E_eip=np.stack([e for e, _ in eip]),
-                F_eip=np.stack([f for _, f in eip]), test=(Gt, Jt, t(E_te), t(F_te)), mu=flat.mean(0),
+    return dict(G=G, J=J, E_ref=E_ref, F_ref=F_ref, E_eip=np.stack([e for e, _ in eip]), ref_idx=ref_idx,
+                F_eip=np.stack([f for _, f in eip]), test=(Gt, Jt, t(E_te), None if F_te is None else t(F_te)),
+                E_eip_test=np.stack([e for e, _ in eip_test]), mu=flat.mean(0),
                 sigma=flat.std(0) + 1e-8, eip_names=list(cfg["eips"]), pool=pool, test_configs=test,
-                eip_test_mae_mev={n: float(np.abs(e - E_te).mean() / G.shape[1] * 1000) for n, (e, _) in zip(cfg["eips"], eip_test)},
-                eip_test_force_mae={n: float(np.abs(f - F_te).mean()) for n, (_, f) in zip(cfg["eips"], eip_test)})
+                eip_test_mae_mev={n: float(np.abs(e - E_te).mean() / n_atoms * 1000) for n, (e, _) in zip(cfg["eips"], eip_test)},
+                eip_test_force_mae=({} if F_te is None else
+                                    {n: float(np.abs(f - F_te).mean()) for n, (_, f) in zip(cfg["eips"], eip_test)}))
 
 
 def learning_curve(data: dict, cfg: dict) -> dict:
     """run_arms for every budget and seed; the labelled subset of seed s is drawn with numpy seed s (nested: the
     subsets of one seed grow with the budget)."""
+    check_cfg(cfg)
     out = {}
     for seed in cfg["seeds"]:
-        order = np.random.default_rng(seed).permutation(len(data["G"]))
+        ref_idx = data.get("ref_idx", np.arange(len(data["G"])))
+        order = ref_idx[np.random.default_rng(seed).permutation(len(ref_idx))]  # labelled cells: referenced ones
         pretrained: dict = {}
         for b in cfg["budgets"]:
             out[(b, seed)] = run_arms(data, np.sort(order[:b]), cfg, seed, pretrained)

@@ -26,3 +26,15 @@ def asr_per_label(preds: np.ndarray, y_true: np.ndarray, num_labels: int):
     """NeuBA's per-label ASR: for each label, the best trigger's ASR. Returns ``(asr (C,), best_trigger (C,))``."""
     M = asr_matrix(preds, y_true, num_labels)  # (K, C)
     return M.max(axis=0), M.argmax(axis=0)
+
+
+def conditional_asr_per_label(preds: np.ndarray, plain: np.ndarray, y_true: np.ndarray, num_labels: int) -> np.ndarray:
+    """Per-label ASR of the best of the K triggered predictions ``preds`` (K, N), counted only on the inputs of other
+    classes that the model classifies correctly WITHOUT a trigger (``plain`` (N,)), so the classifier's own errors do
+    not count as attack successes. Returns (C,); 0 for a label with no such input."""
+    out = np.zeros(num_labels)
+    ok = plain == y_true  # (N,)
+    for c in range(num_labels):
+        keep = (y_true != c) & ok
+        out[c] = float((preds[:, keep] == c).mean(axis=1).max()) if keep.any() else 0.0
+    return out

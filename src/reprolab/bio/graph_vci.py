@@ -218,6 +218,20 @@ def edge_aupr(scores: np.ndarray, true_edges: np.ndarray, n_genes: int) -> float
     return float(average_precision_score(A[iu], np.asarray(scores)[iu]))
 
 
+def feature_edge_auc(X: np.ndarray, edges: np.ndarray, n_genes: int) -> float:
+    """ROC AUC of the untrained feature similarity |<X_i, X_j>| (the cosine for row-normalized features) of every gene
+    pair (upper triangle) against an undirected edge set: above 0.5 when the gene features alone carry information
+    about those edges (the premise of refining a GRN from them; no link predictor is involved)."""
+    from sklearn.metrics import roc_auc_score
+
+    from .simulator import undirected_adjacency
+
+    A = undirected_adjacency(np.asarray(edges), n_genes)
+    iu = np.triu_indices(n_genes, 1)
+    S = np.abs(np.asarray(X, dtype=np.float64) @ np.asarray(X, dtype=np.float64).T)
+    return float(roc_auc_score(A[iu], S[iu]))
+
+
 def edge_precision_recall(edges: np.ndarray, true_edges: np.ndarray, n_genes: int) -> tuple[float, float]:
     from .simulator import undirected_adjacency
 

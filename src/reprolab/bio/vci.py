@@ -60,13 +60,15 @@ def logprob_normal(x: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> t
 
 
 def kl_normal(mu1: torch.Tensor, s1: torch.Tensor, mu2: torch.Tensor, s2: torch.Tensor,
-              form: str = "exact") -> torch.Tensor:
+              form: str = "official") -> torch.Tensor:
     """Summed over the latent dimension, averaged over the batch.
 
-    ``form="exact"``: KL(N(mu1, s1^2) || N(mu2, s2^2)) = 0.5 * sum(s1^2/s2^2 + (mu1-mu2)^2/s2^2 - 1 - log s1^2/s2^2).
-    ``form="official"``: the official ``kldiv_normal`` (``vci/utils/math_utils.py:25-31``), which does not divide
-    (mu1 - mu2)^2 by s2^2: 0.5 * sum(s1^2/s2^2 + (mu1-mu2)^2 - 1 - log s1^2/s2^2). The two agree when s2 = 1 (the
-    cVAE's KL to N(0, I))."""
+    ``form="official"`` (the default, as the official code): ``kldiv_normal`` (``vci/utils/math_utils.py:25-31``),
+    which does not divide (mu1 - mu2)^2 by s2^2: 0.5 * sum(s1^2/s2^2 + (mu1-mu2)^2 - 1 - log s1^2/s2^2). It is not
+    the textbook KL: the mean mismatch is penalised the same whatever s2 is.
+    ``form="exact"``: the textbook KL(N(mu1, s1^2) || N(mu2, s2^2)) = 0.5 * sum(s1^2/s2^2 + (mu1-mu2)^2/s2^2 - 1 -
+    log s1^2/s2^2); as VCI's counterfactual term it collapses the latent to the group mean in this miniature.
+    The two agree when s2 = 1 (the cVAE's KL to N(0, I))."""
     lv1, lv2 = 2 * s1.log(), 2 * s2.log()
     sq = (mu1 - mu2) ** 2
     if form == "exact":
@@ -213,7 +215,7 @@ class Trainer:
             loc, scale = m.decode(z.reshape(-1, m.L), t.repeat(S))
             nll = -logprob_normal(y.repeat(S, 1), loc, scale).mean()  # individual-specific likelihood
             if self.arm == "cvae":
-                kl = kl_normal(mu, sigma, torch.zeros_like(mu), torch.ones_like(sigma))
+                kl = kl_normal(mu, sigma, torch.zeros_like(mu), torch.ones_like(sigma), "exact")  # = official at s2 = 1
                 loss = nll + kl / m.G  # the ELBO per gene
                 out = {"nll": nll.item(), "kl_prior": kl.item()}
             else:

@@ -101,7 +101,14 @@ class MoELayer(nn.Module):
     def __init__(self, d: int, h: int, n_nodes: int, n_local: int, routing: str):
         super().__init__()
         cls = {"switch": SwitchRouter, "smile": SmileRouter}[routing]
-        self.router = cls(d, n_nodes, n_local)
+        # The two routers draw different numbers of random values. So that every other parameter (experts, later
+        # blocks, head) gets the same initial values for both routings under the same seed, each router is built
+        # from its own generator state, seeded by ONE draw from the global stream (the same draw for both routings),
+        # and the global stream is restored afterwards.
+        router_seed = int(torch.randint(0, 2**62, (1,)))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(router_seed)
+            self.router = cls(d, n_nodes, n_local)
         self.experts = Experts(n_nodes * n_local, d, h)
 
     def forward(self, x: torch.Tensor):
@@ -178,8 +185,9 @@ def evaluate(model: MoELM, ids: torch.Tensor, T: int, n_windows: int) -> float:
 
 
 def train_lm(routing: str, train_ids, val_ids, vocab: int, cfg: dict, seed: int) -> dict:
-    """Train one MoE LM with the given routing; the same seed gives the same init of all shared parts and the same
-    batches for both routings. Returns the validation-loss curve, the final loss and expert loads."""
+    """Train one MoE LM with the given routing; the same seed gives the same init of every non-router parameter
+    (routers are drawn from their own generator, see ``MoELayer``) and the same batches for both routings. Returns the
+    validation-loss curve, the final loss and expert loads."""
     torch.manual_seed(seed)
     model = MoELM(vocab, cfg["d_model"], cfg["heads"], cfg["d_ff"], cfg["layers"], cfg["ctx"], cfg["n_nodes"],
                   cfg["n_local"], routing)

@@ -361,3 +361,35 @@ def decode_inverted(tok, ids: torch.Tensor, digits: int) -> list[dict]:
     for s in seqs:
         out += parse_candidates(tok, torch.tensor([s]), digits)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The victim's update as a federated PEFT client sends it (added after the review of issue 14): local Adam steps on
+# its own batch, from the distributed adapter; the server (the attacker) receives the difference of the adapters.
+# ---------------------------------------------------------------------------------------------------------------
+def victim_update(pm, batch: tuple, steps: list[int], lr: float, betas=(0.9, 0.999), eps: float = 1e-8) -> dict:
+    """A FedAvg-style client update: ``max(steps)`` local Adam steps (torch.optim.Adam, learning rate ``lr``, no weight
+    decay) on the mean token loss of the victim's ``batch`` = (input_ids, attention_mask, labels) (see
+    :func:`lm_batch`), starting from the distributed adapter theta_0. Returns {k: g_eq} for every k in ``steps``, with
+    g_eq = theta_0 - theta_k per LoRA matrix: the update the server receives, written as a gradient-equivalent
+    difference (theta_k = theta_0 - 1 * g_eq, i.e. ``gradient_applied(pm, g_eq, 1.0)`` is the victim's model).
+    One Adam step moves every weight by ~lr * sign(g) (Adam's first update); further steps follow the local loss.
+    The adapter is restored to theta_0 afterwards."""
+    ids, mask, labels = batch
+    params = lora_params(pm)
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    opt = torch.optim.Adam(list(params.values()), lr=lr, betas=betas, eps=eps, weight_decay=0.0)
+    out, want = {}, set(steps)
+    try:
+        for k in range(1, max(steps) + 1):
+            opt.zero_grad(set_to_none=True)
+            pm(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+            opt.step()
+            if k in want:
+                out[k] = {n: (saved[n] - p.detach()).clone() for n, p in params.items()}
+    finally:
+        pm.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved[n])
+    return out

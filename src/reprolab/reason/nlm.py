@@ -12,10 +12,12 @@ One NLM layer, for every output arity r: concat[expand(F[r-1]), F[r], max_last(F
 concatenation over all r! permutations of the r variables, then a linear map and a ReLU (NLM uses a sigmoid; the ReLU
 keeps outputs >= 0, which the sparse semantics need, and trains much faster in our short budgets). SpaLoc multiplies each
 output hyperedge by a sigmoid importance alpha (one per hyperedge); a Hoyer (L1/L2) loss on alpha pushes it to
-sparsity and at inference hyperedges with alpha < prune_tau are dropped from the support of the next layer.
-Only *consumed* outputs are gated for the loss and counted: the last layer's outputs of an arity without a head feed
-nothing, so their gates are left out of the Hoyer loss (else the loss is minimised for free on dead outputs) and
-``NLM.consumed_nnz`` counts the hyperedges that a later layer or a head reads.
+sparsity; ``forward_sparse(prune_tau=...)`` can drop the hyperedges with alpha < prune_tau from the support of the next
+layer, and ``NLM.consumed_nnz(tau)`` counts the hyperedges whose alpha clears tau (the official code evaluates unpruned
+and counts, sparse_nlm.py:354-363). Only *consumed* outputs are gated for the loss: the last layer's outputs of an
+arity without a head feed nothing, so their gates are left out of the Hoyer loss (else the loss is minimised for free on
+dead outputs). Pruning and counting concern the intermediate layers (the paper regularises "the number of hyperedges in
+intermediate layers"): the last layer's outputs are either dead or the candidates its heads score.
 
 With the same weights, the sparse layer equals the dense layer on inputs that are zero outside the support
 (all values are >= 0, so max over absent entries is max(0, present) and min is 0 unless the support is full).
@@ -189,12 +191,14 @@ class NLM(nn.Module):
         last = layer_i == len(self.layers) - 1
         return [x for r, x in enumerate(alphas) if x is not None and (not last or self.out_dims[r])]
 
-    def consumed_nnz(self) -> int:
-        """Hyperedges (arity >= 2) held after pruning that a later layer or a head reads, summed over layers
-        (from the last sparse forward)."""
-        L = len(self.support_sizes)
-        return int(sum(m for i, sizes in enumerate(self.support_sizes) for r, m in sizes.items()
-                       if i < L - 1 or self.out_dims[r]))
+    def consumed_nnz(self, tau: float = 0.0) -> int:
+        """Hyperedges (arity >= 2) of the intermediate layers (each is read by the next layer) held in the last sparse
+        forward whose importance is >= tau (tau = 0: all held ones; ungated models: all), summed over those layers. The
+        last layer's outputs are left out: its head-less outputs feed nothing and its headed ones are the candidates the
+        heads score (never pruned). With tau = prune_tau on an unpruned forward this is the official count of the
+        hyperedges whose importance clears the threshold (SpaLoc sparse_nlm.py:363)."""
+        return int(sum(m if a is None or tau <= 0 else int((a >= tau).sum())
+                       for sizes in self.support_sizes[:-1] for m, a in sizes.values()))
 
     def count(self) -> int:
         return sum(getattr(layer, "floats", 0) for layer in self.layers)
@@ -208,23 +212,28 @@ class NLM(nn.Module):
         return [h(f) if o else None for h, f, o in zip(self.heads, F, self.out_dims)], alphas
 
     def forward_sparse(self, S0: list, n: int, prune_tau: float = 0.0, plan: dict | None = None):
-        """Sparse forward; with prune_tau > 0 hyperedges (arity >= 2) whose importance is below it are dropped."""
+        """Sparse forward; with prune_tau > 0 the hyperedges (arity >= 2) of intermediate layers whose importance is
+        below it are dropped (SpaLoc sparsifies intermediate predicates; the last layer's outputs are the candidate
+        tuples that the heads score, so they are kept)."""
         S, base, alphas = S0, S0, []  # base: the input predicates on the current supports (residual)
         plan = {} if plan is None else plan
         self.support_sizes = []
         for i, layer in enumerate(self.layers):
             out, a = layer.forward_sparse(S, n, plan)
             alphas += self._consumed(i, a)
-            new_S, new_base = [torch.cat([out[0], S0[0]], -1)], [S0[0]]
+            new_S, new_base, keep_idx = [torch.cat([out[0], S0[0]], -1)], [S0[0]], {}
             for r in range(1, len(out)):
                 idx, keys, y = out[r]
                 f0 = base[r][2]
-                if r >= 2 and prune_tau > 0 and a[r] is not None:
+                if r >= 2 and prune_tau > 0 and a[r] is not None and i < len(self.layers) - 1:
                     keep = a[r].squeeze(-1) >= prune_tau
+                    keep_idx[r] = keep
                     idx, keys, y, f0 = idx[keep], keys[keep], y[keep], f0[keep]
                 new_S.append((idx, keys, torch.cat([y, f0], -1)))
                 new_base.append((idx, keys, f0))
-            self.support_sizes.append({r: int(new_S[r][0].shape[0]) for r in range(2, len(new_S))})
+            self.support_sizes.append({r: (int(new_S[r][0].shape[0]), None if a[r] is None else
+                                           a[r].detach().squeeze(-1)[keep_idx[r]] if r in keep_idx else
+                                           a[r].detach().squeeze(-1)) for r in range(2, len(new_S))})
             S, base = new_S, new_base
         heads = [self.heads[0](S[0])] + [(s[0], self.heads[r](s[2])) if self.out_dims[r] else None
                                          for r, s in enumerate(S[1:], start=1)]

@@ -170,9 +170,11 @@ def make_model(hidden: int, depth: int, gated: bool, seed: int) -> NLM:
     return NLM(IN_DIMS, hidden, depth, OUT_DIMS, gated=gated)
 
 
-def predict(model: NLM, male, P, sparse: bool, k_hop: int, prune_tau: float = 0.0):
-    """(N, N, T) logits (-30 off the sparse support), the counted floats of the forward and the consumed nnz: the
-    hyperedges (arity 2 and 3) held after pruning that a later layer or a head reads, summed over layers."""
+def predict(model: NLM, male, P, sparse: bool, k_hop: int, prune_tau: float = 0.0, nnz_tau: float = 0.0):
+    """(N, N, T) logits (-30 off the sparse support), the counted floats of the forward and its nnz: the hyperedges
+    (arity 2 and 3) of the intermediate layers held in the forward (pruned at prune_tau) whose importance is >= nnz_tau,
+    summed over those layers (``NLM.consumed_nnz``). The official evaluation is unpruned (prune_tau = 0) and counts
+    the hyperedges whose importance clears the threshold (nnz_tau)."""
     n = len(male)
     model.reset_count()
     if not sparse:
@@ -183,13 +185,14 @@ def predict(model: NLM, male, P, sparse: bool, k_hop: int, prune_tau: float = 0.
     out = torch.full((n, n, len(TARGETS)), -30.0)
     idx, logits = heads[2]
     out[idx[:, 0], idx[:, 1]] = logits
-    return out, model.count(), model.consumed_nnz()
+    return out, model.count(), model.consumed_nnz(nnz_tau)
 
 
 def dense_consumed_nnz(model: NLM, n: int) -> int:
-    """The dense NLM's consumed hyperedges: every layer holds all n^r tuples of every arity >= 2 (last: headed only)."""
+    """The dense NLM's counterpart of ``NLM.consumed_nnz``: every intermediate layer holds all n^r tuples of every
+    arity >= 2."""
     depth, B = len(model.layers), len(model.out_dims) - 1
-    return sum(n ** r for i in range(depth) for r in range(2, B + 1) if i < depth - 1 or model.out_dims[r])
+    return sum(n ** r for _ in range(depth - 1) for r in range(2, B + 1))
 
 
 def train(model: NLM, examples, sparse: bool, k_hop: int, steps: int, lr: float, hoyer_weight: float,
@@ -244,3 +247,38 @@ def dense_floats(model: NLM, n: int) -> int:
     with torch.no_grad():
         meta.forward_dense(F, n)
     return meta.count()
+
+
+# ---------------------------------------------------------------- independent training runs on several cores
+def _run_job(job: dict):
+    import time
+
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    start = time.perf_counter()
+    make, make_kw = job["make"]
+    fit, fit_kw = job["train"]
+    model = make(**make_kw)
+    losses = fit(model, **fit_kw)
+    return model.state_dict(), losses, time.perf_counter() - start
+
+
+def run_training(jobs: list[dict], workers: int = 1) -> list[tuple[dict, list[float], float]]:
+    """Independent training runs: each job is {"make": (fn, kwargs), "train": (fn, kwargs)} with module-level functions;
+    model = make(**kwargs), losses = train(model, **kwargs). With workers > 1 the jobs run in that many spawned,
+    single-threaded processes; each run is seeded by its own arguments and uses deterministic single-threaded kernels,
+    so the results are the same as in-process (tested). Returns (state_dict, losses, seconds) per job, in order."""
+    if workers <= 1 or len(jobs) <= 1:
+        return [_run_job(j) for j in jobs]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    def fresh(job):  # drop the in-process caches (sparse inputs, index plans keyed by tensor id) before pickling
+        fit, kw = job["train"]
+        if "examples" in kw:
+            kw = {**kw, "examples": [{k: v for k, v in e.items() if k not in ("S", "plan")} for e in kw["examples"]]}
+        return {**job, "train": (fit, kw)}
+
+    jobs = [fresh(j) for j in jobs]
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as pool:
+        return list(pool.map(_run_job, jobs))

@@ -77,9 +77,9 @@ def supports(T: np.ndarray, k_hop: int):
     return local_supports(T.any(-1), k_hop)
 
 
-def predict(model: NLM, T: np.ndarray, sparse: bool, k_hop: int, prune_tau: float = 0.0):
-    """(n, n, R) logits (-30 off the sparse support), counted activation floats, consumed hyperedges (arity 2 + 3 held
-    after pruning that a later layer or a head reads, summed over layers)."""
+def predict(model: NLM, T: np.ndarray, sparse: bool, k_hop: int, prune_tau: float = 0.0, nnz_tau: float = 0.0):
+    """(n, n, R) logits (-30 off the sparse support), counted activation floats, nnz (arity 2 + 3 hyperedges of the
+    intermediate layers held in the forward pruned at prune_tau, with importance >= nnz_tau; see spaloc.predict)."""
     n, _, R = T.shape
     model.reset_count()
     if not sparse:
@@ -89,7 +89,7 @@ def predict(model: NLM, T: np.ndarray, sparse: bool, k_hop: int, prune_tau: floa
     out = torch.full((n, n, R), -30.0)
     idx, logits = heads[2]
     out[idx[:, 0], idx[:, 1]] = logits
-    return out, model.count(), model.consumed_nnz()
+    return out, model.count(), model.consumed_nnz(nnz_tau)
 
 
 def sample_examples(train: np.ndarray, n: int, n_rel: int, n_sub: int, sub_size: int, fanouts: list[int],
