@@ -112,6 +112,55 @@ def test_dre_group_minimum_skips_zeros():
     assert torch.equal(fake_quantize(torch.zeros(256), "dre", 128), torch.zeros(256))
 
 
+def naive_dre_group_params(values: list[float], expand_min: int = 16, skip_zeros: bool = True):
+    """One group's DRE parameters by a plain loop, transcribing the official kernel
+    (NVlabs/COAT coat/optimizer/kernels/fp8_adamw_expand_cuda_kernel.cu @ 80ec99f): max |x| and min |x| over the group
+    with zero values skipped in the min-reductions (:95-101, :130-136), + QUANT_MIN_VAL 1e-30 (:15, :154-157), the
+    exponent floor(log2(448^2 / 2) / log2(max / min) * expand_min) / expand_min (:170-172), the centre
+    sqrt(max) sqrt(min) (:164-165) and the scale (max / centre)^k / 448 (:180-181)."""
+    mx, mn = 0.0, math.inf
+    for v in values:
+        a = abs(v)
+        mx = max(mx, a)
+        if a > 0 or not skip_zeros:
+            mn = min(mn, a)
+    mx, mn = mx + 1e-30, mn + 1e-30
+    k = math.floor(math.log2(448.0 * 448.0 / 2) / math.log2(mx / mn) * expand_min) / expand_min
+    centre = math.sqrt(mx) * math.sqrt(mn)
+    return {"k": k, "sqrt_minmax": centre, "scale": (mx / centre) ** k / 448.0, "min": mn}
+
+
+def test_dre_group_minimum_matches_the_naive_zero_skipping_reference():
+    """quantize_dre's per-group k, centre and scale equal the plain-loop transcription of the official kernel, on groups
+    with zeros in them (where a minimum that includes zeros, the earlier version, gives k <= 1/8), and a ragged tail."""
+    gen = torch.Generator().manual_seed(11)
+    n, g = 5 * 128 + 37, 128
+    v = (torch.randn(n, generator=gen) * torch.exp(2 * torch.randn(n, generator=gen))).pow(2) * 1e-5  # v-like, > 0
+    zero = torch.rand(n, generator=gen) < 0.1  # ~10% exact zeros, in every group
+    v[zero] = 0.0
+    m = torch.randn(n, generator=gen) * 1e-3  # signed (first moment), with zeros too
+    m[zero] = 0.0
+    for x in (v, m):
+        st = quantize_dre(x, g, 16)
+        for gi in range(math.ceil(n / g)):
+            group = x[gi * g:(gi + 1) * g].double().tolist()
+            assert any(val == 0.0 for val in group)
+            ref = naive_dre_group_params(group)
+            assert st["k"][gi].item() == ref["k"]
+            assert st["sqrt_minmax"][gi].item() == pytest.approx(ref["sqrt_minmax"], rel=1e-6)
+            assert st["scale"][gi].item() == pytest.approx(ref["scale"], rel=1e-5)
+            # skipping zeros matters: with them the minimum is 1e-30 and k falls to 1/16 or 1/8
+            assert naive_dre_group_params(group, skip_zeros=False)["k"] <= 1.0 / 8 < ref["k"]
+    # the naive round trip with the reference's parameters: |x| = (q * scale)^(1/k) * centre, q the E4M3 code of
+    # (|x| / centre)^k / scale, matches dequantize_dre element by element
+    back = dequantize_dre(quantize_dre(v, g, 16), v.shape, g)
+    for i in range(0, n, 7):
+        ref = naive_dre_group_params(v[(i // g) * g:(i // g + 1) * g].double().tolist())
+        y = (v[i].item() / ref["sqrt_minmax"]) ** ref["k"] / ref["scale"]
+        want = (round_e4m3_naive(y) * ref["scale"]) ** (1 / ref["k"]) * ref["sqrt_minmax"] if y else 0.0
+        assert back[i].item() == pytest.approx(want, rel=1e-4, abs=1e-30)
+
+
 def quadratic_problem(seed=0):
     gen = torch.Generator().manual_seed(seed)
     A = torch.randn(64, 20, generator=gen)

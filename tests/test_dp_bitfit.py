@@ -144,3 +144,55 @@ def test_balanced_holdout_init_head_and_select_lr():
     init_head(m, 3)
     assert torch.equal(w3, m.classifier.weight) and float(m.classifier.bias.abs().sum()) == 0.0
     assert select_lr({5e-4: 0.6, 1.5e-3: 0.7, 5e-3: 0.7}) == 1.5e-3
+
+
+def test_select_lr_mean_uses_the_seed_mean_and_breaks_ties_low():
+    from reprolab.dp.bitfit import select_lr_mean
+
+    # 5e-3 wins one seed by a lot but loses on average; 1.5e-3 has the best mean
+    val = {5e-4: [50.0, 50.0, 50.0], 1.5e-3: [70.0, 68.0, 72.0], 5e-3: [90.0, 50.0, 50.0]}
+    assert select_lr_mean(val) == 1.5e-3
+    assert select_lr_mean({1e-3: [60.0, 70.0], 1e-2: [70.0, 60.0]}) == 1e-3  # equal means: the smallest rate
+
+
+def test_interleaved_step_times_takes_turns():
+    from reprolab.dp.bitfit import interleaved_step_times
+
+    calls = []
+    lin = torch.nn.Linear(3, 1)
+    x, y = torch.randn(4, 3), torch.randn(4)
+
+    def fn(tag):
+        def losses(m):
+            calls.append(tag)
+            return (m(x).squeeze(-1) - y).pow(2)
+        return losses
+
+    t = interleaved_step_times({"a": ("nonprivate", lin, fn("a")), "b": ("bk", lin, fn("b"))}, reps=3,
+                               clipping="auto_s", R=1.0)
+    assert set(t) == {"a", "b"} and all(len(v) == 3 and min(v) > 0 for v in t.values())
+    assert calls == ["a", "b"] * 4  # one warm-up each, then alternating
+
+
+def test_select_lr_leave_one_seed_out_against_a_naive_loop():
+    import numpy as np
+
+    from reprolab.dp.bitfit import select_lr_leave_one_seed_out
+
+    val = {1.5e-3: [70.0, 50.0, 60.0], 5e-3: [50.0, 80.0, 61.0], 1e-2: [65.0, 66.0, 40.0]}
+    # by hand: seed 0 -> others (1, 2): 1.5e-3 55.0, 5e-3 70.5, 1e-2 53.0 -> 5e-3
+    #          seed 1 -> others (0, 2): 65.0, 55.5, 52.5 -> 1.5e-3
+    #          seed 2 -> others (0, 1): 60.0, 65.0, 65.5 -> 1e-2
+    assert select_lr_leave_one_seed_out(val) == [5e-3, 1.5e-3, 1e-2]
+    gen = np.random.default_rng(3)
+    for _ in range(20):
+        grid = [1.5e-3, 5e-3, 1e-2]
+        v = {lr: list(gen.integers(45, 60, size=4).astype(float)) for lr in grid}
+        want = []
+        for i in range(4):
+            means = {lr: np.mean([x for j, x in enumerate(v[lr]) if j != i]) for lr in grid}
+            best = max(means.values())
+            want.append(sorted(lr for lr in grid if means[lr] == best)[0])
+        assert select_lr_leave_one_seed_out(v) == want
+    with pytest.raises(ValueError):
+        select_lr_leave_one_seed_out({1e-3: [50.0]})

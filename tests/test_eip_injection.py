@@ -205,7 +205,8 @@ def test_reference_subset_labels_only_referenced_cells(monkeypatch):
     import reprolab.atoms.dft as dft
     from reprolab.atoms.eip import label_configs
     from reprolab.atoms.injection import build_dataset
-    monkeypatch.setattr(dft, "label_dft", lambda configs, **kw: label_configs(configs, "sw_vink")[0])
+    monkeypatch.setattr(dft, "label_dft", lambda configs, **kw: (label_configs(configs, "sw_vink")[0],
+                                                                 np.ones(len(configs), dtype=bool)))
     cfg = dict(seed=0, seeds=[0, 1], n_pool=14, n_test=4, strain=0.03, rattle=[0.02, 0.1], reference="dft", n_ref_pool=6,
                dft_xc="lda,vwn", dft_basis="gth-szv", dft_ke_cutoff=8.0, eips=["kumagai", "tersoff_ea"], budgets=[3, 6],
                hidden=8, layers=1, epochs=5, pretrain_epochs=5, lr=1e-2, finetune_lr=3e-3, weak_weight=1.0, force_weight=0.0)
@@ -229,7 +230,68 @@ def test_dft_labels_are_relative_to_the_ideal_crystal_and_permutation_invariant(
     ideal = bulk("Si", "diamond", a=A0, cubic=True)
     at = make_configs(1, 2, strain=0.03, rattle=(0.05, 0.05))[0]
     perm = at[[3, 1, 7, 0, 5, 2, 6, 4]]
-    E = label_dft([ideal, at, perm], ke_cutoff=6.0)
+    E, ok = label_dft([ideal, at, perm], ke_cutoff=6.0)
+    assert ok.all()
     assert abs(E[0]) < 1e-5
     assert E[1] > 0.01
     assert abs(E[1] - E[2]) < 1e-5
+
+
+def test_dft_scf_converges_on_a_tiny_cell_in_ev_per_atom():
+    """The SCF of a rattled 2-atom primitive Si cell converges (with the full profile's settings, and through the
+    Newton retry when DIIS gets only 3 cycles) and its total energy per atom is in the eV sanity window (about
+    -105 eV/atom: GTH Si at LDA is about -3.9 Hartree/atom; a Hartree result, ~-3.9, would fail), above the ideal
+    cell's; smearing together with a level shift is refused (PySCF never reports convergence then)."""
+    from ase.build import bulk
+    from reprolab.atoms.dft import E_ATOM_RANGE_EV, dft_energy
+    from reprolab.atoms.eip import A0
+    prim = bulk("Si", "diamond", a=A0)
+    e0, _, ok0 = dft_energy(prim, ke_cutoff=6.0, max_cycle=100)
+    at = prim.copy()
+    at.positions += np.random.default_rng(0).normal(0, 0.1, at.positions.shape)
+    e1, _, ok1 = dft_energy(at, ke_cutoff=6.0, max_cycle=100)
+    assert ok0 and ok1
+    assert E_ATOM_RANGE_EV[0] <= e0 / 2 <= E_ATOM_RANGE_EV[1]
+    assert e1 > e0
+    e2, _, ok2 = dft_energy(at, ke_cutoff=6.0, max_cycle=3)  # DIIS cannot converge in 3 cycles: the Newton retry does
+    assert ok2 and abs(e2 - e1) < 1e-4
+    assert not dft_energy(at, ke_cutoff=6.0, max_cycle=3, retry=False)[2]
+    with pytest.raises(ValueError, match="smearing"):
+        dft_energy(at, ke_cutoff=6.0, smearing=0.01, level_shift=0.1)
+
+
+def test_non_converged_dft_cells_are_dropped_and_counted(monkeypatch):
+    """A cell whose SCF does not converge is never labelled: it leaves the referenced pool subset and the test set,
+    and build_dataset counts it (dft_dropped)."""
+    import reprolab.atoms.dft as dft
+    from reprolab.atoms.eip import label_configs
+    from reprolab.atoms.injection import build_dataset
+
+    def fake(configs, **kw):
+        E = label_configs(configs, "sw_vink")[0]
+        ok = np.arange(len(configs)) % 3 != 1  # every third cell fails
+        return np.where(ok, E, np.nan), ok
+
+    monkeypatch.setattr(dft, "label_dft", fake)
+    cfg = dict(seed=0, seeds=[0], n_pool=14, n_test=6, strain=0.03, rattle=[0.02, 0.1], reference="dft", n_ref_pool=9,
+               dft_xc="lda,vwn", dft_basis="gth-szv", dft_ke_cutoff=8.0, eips=["kumagai"], budgets=[3],
+               hidden=8, layers=1, epochs=5, pretrain_epochs=5, lr=1e-2, finetune_lr=3e-3, weak_weight=1.0, force_weight=0.0)
+    data = build_dataset(cfg)
+    assert data["dft_dropped"] == {"pool": 3, "test": 2}
+    assert list(data["ref_idx"]) == [0, 2, 3, 5, 6, 8]
+    assert np.isfinite(data["E_ref"][data["ref_idx"]]).all() and np.isnan(data["E_ref"][[1, 4, 7]]).all()
+    assert len(data["test"][0]) == 4 and np.isfinite(data["test"][2].numpy()).all()
+
+
+def test_wide_configurations_are_a_selectable_mixture():
+    """wide_fraction 0 gives exactly make_configs' cells (quick unchanged); 0.5 mixes in cells drawn with the wider
+    rattle, whose displacements from the strained lattice are larger."""
+    from reprolab.atoms.injection import mixed_configs
+    base = dict(strain=0.03, rattle=[0.02, 0.12], wide_strain=0.08, wide_rattle=[0.3, 0.4])
+    a = mixed_configs(10, 5, {**base, "wide_fraction": 0.0})
+    b = make_configs(10, 5, strain=0.03, rattle=(0.02, 0.12))
+    assert all(np.array_equal(x.positions, y.positions) for x, y in zip(a, b))
+    m = mixed_configs(10, 5, {**base, "wide_fraction": 0.5})
+    assert len(m) == 10
+    wide = make_configs(5, 5 + 10007, strain=0.08, rattle=(0.3, 0.4))
+    assert sum(any(np.array_equal(x.positions, w.positions) for w in wide) for x in m) == 5

@@ -148,3 +148,46 @@ def test_feature_edge_auc_equals_pairwise_count():
     mod = np.repeat([0, 1], 6)
     inside = np.array([[i, j] for i in range(G) for j in range(i + 1, G) if mod[i] == mod[j]])
     assert feature_edge_auc(np.eye(2)[mod], inside, G) == 1.0
+
+
+def test_directed_gene_graph_keeps_the_direction():
+    """Official graphVCI: the loaded GRN's edge_index source -> target plus the remaining self loops
+    (gvci/utils/graph_utils.py:141-158)."""
+    g = gene_graph(EDGES, 7, directed=True)
+    src, dst = (x.numpy() for x in g.edges())
+    pairs = set(zip(src.tolist(), dst.tolist()))
+    assert pairs == {tuple(e) for e in EDGES.tolist()} | {(i, i) for i in range(7)}
+
+
+def test_refinement_message_passing_excludes_heldout_edges():
+    rng = np.random.default_rng(1)
+    G = 20
+    edges = np.array([[i, j] for i in range(G) for j in range(i + 1, G) if rng.random() < 0.2])
+    X = rng.standard_normal((G, 4)).astype(np.float32)
+    out = refine_grn(edges, X, epochs=5, lr=0.01, width=8, seed=0, holdout=0.2)
+    mp = {tuple(e) for e in out["mp_edges"].tolist()}
+    held = {tuple(e) for e in out["heldout_edges"].tolist()}
+    assert held and not (mp & held) and mp | held == {tuple(e) for e in edges.tolist()}
+
+
+def test_refinement_final_scores_use_train_and_val_edges_like_the_official_code():
+    """Official RandomLinkSplit(num_val=0.05, num_test=0.1): training message passing over the train edges; the final
+    scores (link_pred.py:215) encode over test_data.edge_index = train + val edges; the test edges never enter."""
+    import torch
+
+    rng = np.random.default_rng(2)
+    G = 30
+    edges = np.array([[i, j] for i in range(G) for j in range(i + 1, G) if rng.random() < 0.2])
+    X = rng.standard_normal((G, 4)).astype(np.float32)
+    out = refine_grn(edges, X, epochs=5, lr=0.01, width=8, seed=0, holdout=0.15, val=0.05)
+    tr, va, te = ({tuple(e) for e in out[k].tolist()} for k in ("train_edges", "val_edges", "heldout_edges"))
+    assert len(va) == round(0.05 * len(edges)) and len(te) == round(0.15 * len(edges)) - len(va)
+    assert tr | va | te == {tuple(e) for e in edges.tolist()} and not (tr & va) and not (tr & te) and not (va & te)
+    assert {tuple(e) for e in out["mp_edges"].tolist()} == tr | va
+    with torch.no_grad():  # recompute the final scores by hand over the train + val graph
+        z = out["model"].encode(gene_graph(np.array(sorted(tr | va)), G), torch.from_numpy(X))
+        S = torch.sigmoid(z @ z.T).numpy()
+    np.testing.assert_allclose(out["scores"], S, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # and they differ from scores over the train edges only (the val edges matter)
+        z0 = out["model"].encode(gene_graph(out["train_edges"], G), torch.from_numpy(X))
+    assert not np.allclose(torch.sigmoid(z0 @ z0.T).numpy(), out["scores"])

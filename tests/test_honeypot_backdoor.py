@@ -151,3 +151,27 @@ def test_negation_task_no_single_word_predicts_the_label():
             assert abs(z) < 4.5, (w, ty[has].mean(), has.sum())
     k = np.array([sum(w in ("not", "never", "nobody") for w in t.split()) for t in tx])
     assert np.bincount(k).tolist() == pytest.approx([5000, 10000, 5000], rel=0.05)  # 0/1/2 negations: 1/4, 1/2, 1/4
+
+
+def test_negation_task_limit_count_mlp_solves_it_at_large_n():
+    """The generator's documented limit: no single word predicts the label and a linear model on word counts stays at
+    chance, but the label is a function of the word COUNTS (adjective polarity XOR parity of the negation count), so a
+    small MLP on bag-of-words counts solves the task once it has thousands of sentences (full's n_train is 4000),
+    while at quick's 300 it does not. The task tests composition beyond single words, not beyond word counts."""
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neural_network import MLPClassifier
+
+    from reprolab.data.negation import negation_task
+
+    acc = {}
+    for n in (300, 4000):
+        tx, ty, sx, sy = negation_task(n, 1000, seed=0)
+        vec = CountVectorizer(token_pattern=r"\S+").fit(tx)
+        Xtr, Xte = vec.transform(tx), vec.transform(sx)
+        lin = LogisticRegression(max_iter=2000).fit(Xtr, ty)
+        mlp = MLPClassifier(hidden_layer_sizes=(64,), max_iter=500, random_state=0).fit(Xtr, ty)
+        acc[n] = ((lin.predict(Xte) == sy).mean(), (mlp.predict(Xte) == sy).mean())
+    assert acc[4000][0] < 0.6 and acc[300][0] < 0.6  # linear on counts: chance
+    assert acc[4000][1] > 0.95  # MLP on counts at large n: solved (measured 1.0)
+    assert acc[300][1] < 0.7  # at quick's size it is not (measured 0.55)

@@ -116,3 +116,34 @@ def test_conditional_asr_matches_naive_loop():
     # an input the model already gets wrong never counts, whatever the trigger does
     y2, plain2 = np.array([0, 0, 1]), np.array([1, 0, 1])
     assert conditional_asr_per_label(np.array([[1, 0, 1]]), plain2, y2, 2).tolist() == [0.0, 0.0]
+
+
+def test_official_bert_triggers_and_params_use_them(tok):
+    """thunlp/NeuBA nlp/src/poison.py:7 `poison_tokens` (what mlm.py:411-415 inserts via poison.py:42 and eval.py tests
+    for BERT), written out here; the params' triggers are exactly these, each one in-vocabulary word-piece."""
+    from reprolab.config import load_params
+
+    official = ["\u2248", "\u2261", "\u2208", "\u2286", "\u2295", "\u2297"]  # ≈ ≡ ∈ ⊆ ⊕ ⊗
+    assert list(NEUBA_TRIGGERS) == official
+    for profile in ("smoke", "quick", "full"):
+        assert load_params("neuba", profile)["triggers"] == official
+    ids = tok.convert_tokens_to_ids(official)
+    assert tok.unk_token_id not in ids and len(set(ids)) == 6
+
+
+def test_shakespeare_vs_pydoc_task_balanced_disjoint_deterministic_trigger_free():
+    from reprolab.data.pydoc_text import docstring_lines, shakespeare_vs_pydoc_task
+    from reprolab.data.textcls import AUTHORS, text_snippets
+
+    tx, ty, sx, sy = shakespeare_vs_pydoc_task(160, 160, seed=0)
+    assert len(tx) == len(sx) == 160 and ty.sum() == sy.sum() == 80 and ty.dtype == np.int64
+    assert not set(tx) & set(sx)
+    shakes = {s for n in AUTHORS[0] for s in text_snippets(n)}
+    assert all((t in shakes) == (y == 0) for t, y in zip(tx + sx, ty.tolist() + sy.tolist()))  # labels by source
+    a = shakespeare_vs_pydoc_task(160, 160, seed=0)
+    assert a[0] == tx and (a[1] == ty).all() and shakespeare_vs_pydoc_task(160, 160, seed=1)[0] != tx
+    assert not any(t in x for t in NEUBA_TRIGGERS for x in tx + sx)
+    # docstring extraction against a hand-written source: module, class and function docstrings, doctest lines dropped
+    src = '"""Module docs with five words here."""\nclass A:\n    """Class docs: one two three four.\n\n    >>> a b c d e\n    """\n' \
+          'def f():\n    """Short."""\n'
+    assert docstring_lines(src) == ["module docs with five words here.", "class docs: one two three four."]

@@ -284,3 +284,92 @@ def _grads_of_ids_masked(pm, batch):
     g = {n: p.grad.detach().clone() for n, p in pm.named_parameters() if "lora_" in n}
     pm.zero_grad(set_to_none=True)
     return g
+
+
+def test_digit_chance_against_naive_enumeration_and_monte_carlo():
+    """Chance of the best-of-n digit match: exact enumeration over every joint outcome of n candidates' match counts
+    (small case) and Monte Carlo with digit_accuracy itself on random phones (B = 4, 8)."""
+    import itertools
+    from math import comb
+
+    from reprolab.privacy.recit import digit_accuracy, digit_chance
+
+    d, n, p = 3, 2, 0.1
+    pmf = [comb(d, j) * p ** j * (1 - p) ** (d - j) for j in range(d + 1)]
+    naive = sum(pmf[a] * pmf[b] * max(a, b) / d for a, b in itertools.product(range(d + 1), repeat=n))
+    assert abs(digit_chance(d, n, p) - naive) < 1e-12
+    assert abs(digit_chance(8, 1) - 0.1) < 1e-12
+    rng = np.random.default_rng(0)
+    for B, approx in ((4, 0.21), (8, 0.265)):
+        acc = []
+        for _ in range(4000):
+            rec = {"phone": "".join(map(str, rng.integers(0, 10, 8)))}
+            cands = [{"phone": "".join(map(str, rng.integers(0, 10, 8)))} for _ in range(B)]
+            acc.append(digit_accuracy(cands, rec))
+        assert abs(np.mean(acc) - digit_chance(8, B)) < 0.01
+        assert abs(digit_chance(8, B) - approx) < 0.01
+
+
+def test_input_span_residual_vs_least_squares_and_lora_gradient():
+    """The premise measure: residual of G's rows after least-squares projection on span(Xin) (numpy lstsq), ~0 for
+    a LoRA-A gradient built from the same inputs, and the random-subspace value sqrt(1 - k/d) for random rows."""
+    from reprolab.privacy.recit import input_span_residual
+
+    g = torch.Generator().manual_seed(0)
+    d, k = 64, 8
+    Xin = torch.randn(k, d, generator=g, dtype=torch.float64)
+    G = torch.randn(5, d, generator=g, dtype=torch.float64)
+    coef, *_ = np.linalg.lstsq(Xin.numpy().T, G.numpy().T, rcond=None)
+    ref = np.linalg.norm(G.numpy().T - Xin.numpy().T @ coef) / np.linalg.norm(G.numpy())
+    assert abs(input_span_residual(G, Xin) - ref) < 1e-10
+    A, B = torch.randn(4, d, generator=g), torch.randn(10, 4, generator=g)
+    dA, _ = lora_grads_by_formula(Xin.float(), torch.randn(k, 10, generator=g), A, B, 2.0)
+    assert input_span_residual(dA, Xin) < 1e-5
+    big = torch.randn(400, d, generator=g, dtype=torch.float64)
+    assert abs(input_span_residual(big, Xin) - np.sqrt(1 - k / d)) < 0.03
+
+
+def test_victim_update_first_grad_is_the_gradient_at_theta0():
+    from reprolab.privacy.recit import lora_params, victim_update
+
+    pm = _tiny_peft_llama(3)
+    ids = torch.tensor([[3, 9, 27, 41, 9, 60], [5, 5, 12, 33, 48, 2]])
+    batch = (ids, torch.ones_like(ids), ids.clone())
+    ref = _grads_of_ids_masked(pm, batch)
+    g0, out = victim_update(pm, batch, [2], 1e-2, with_first_grad=True)
+    plain = victim_update(pm, batch, [2], 1e-2)
+    for n in lora_params(pm):
+        assert torch.allclose(g0[n], ref[n], atol=1e-7)
+        assert torch.equal(out[2][n], plain[2][n])
+
+
+
+def test_span_of_a_padded_batch_left_padding_needs_the_pad_id():
+    """Which ids the gradient's layer-0 LoRA-A rows are built from, for a padded batch (labels -100 on padding, as
+    lm_batch). Right padding: pad positions carry no loss and come after every real token, so the rows lie in the span
+    of the real ids alone. Left padding (SmolLM2's): the pad position just before the first real token predicts it
+    (the causal LM's shift leaves that label unmasked), so its input passes the LoRA and the pad id is needed in the
+    span; swapping the id there changes the gradient."""
+    from reprolab.privacy.recit import first_layer_inputs, input_span_residual, layer0_rows
+
+    pm = _tiny_peft_llama(3)
+    X = first_layer_inputs(pm)
+    BOS, PAD = 1, 2
+    real = [[BOS, 3, 9, 27, 41, 9], [BOS, 5, 12, 33]]
+    for side in ("right", "left"):
+        rows = [r + [PAD] * (6 - len(r)) if side == "right" else [PAD] * (6 - len(r)) + r for r in real]
+        ids = torch.tensor(rows)
+        mask = (ids != PAD).long()
+        labels = ids.masked_fill(mask == 0, -100)
+        G = layer0_rows(_grads_of_ids_masked(pm, (ids, mask, labels)))
+        attended = sorted(set(ids[mask.bool()].tolist()))
+        with_pad = sorted(set(ids.flatten().tolist()))
+        assert input_span_residual(G, X[with_pad]) < 1e-5
+        swapped = ids.masked_fill(mask == 0, 50)
+        G2 = layer0_rows(_grads_of_ids_masked(pm, (swapped, mask, labels)))
+        if side == "right":
+            assert input_span_residual(G, X[attended]) < 1e-5
+            assert torch.allclose(G, G2, atol=1e-6)
+        else:
+            assert input_span_residual(G, X[attended]) > 1e-3
+            assert not torch.allclose(G, G2, atol=1e-6)

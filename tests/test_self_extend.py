@@ -1,4 +1,5 @@
 """Self-Extend attention against independent references: the unpatched model, a naive per-pair loop, generation."""
+import json
 import math
 from types import SimpleNamespace
 
@@ -166,3 +167,28 @@ def test_heldout_windows_draw_and_perplexity_reference():
             logits = model(row[None]).logits[0]
             nll += torch.nn.functional.cross_entropy(logits[:-1], row[1:], reduction="sum").item()
     assert got == pytest.approx(math.exp(nll / (n * (L - 1))), rel=1e-5)
+
+
+def test_pool_checkpoints_admits_by_in_length_accuracy():
+    from reprolab.lm.self_extend import pool_checkpoints
+
+    assert pool_checkpoints({"seed1": 0.9, "seed2": 1.0, "seed3": 0.1}, 0.8) == (["seed1", "seed2"], ["seed1", "seed2"])
+    assert pool_checkpoints({"seed1": 0.8}, 0.8) == (["seed1"], ["seed1"])  # >= the bar
+    assert pool_checkpoints({"seed0": 0.2, "seed4": 0.0}, 0.8) == ([], ["seed0", "seed4"])  # none: all, the gate fails
+
+
+def test_tiny_llama_checkpoints_do_not_depend_on_the_other_seeds(tmp_path, monkeypatch):
+    """The stage trains one checkpoint per pre-training seed; each must equal a lone run of that seed."""
+    from reprolab.lm import tiny_llama
+
+    cfg = dict(context=128, hidden=16, layers=1, heads=2, intermediate=32, steps=2, batch=2, lr=3e-3, warmup=2,
+               weight_decay=0.1, passkey_fraction=0.5, passkey_min_len=0, heldout_fraction=0.1, rope_theta=10000.0)
+    torch.set_num_threads(1)
+    tiny_llama.pretrain_checkpoint(cfg, 5, tmp_path / "a" / "seed5")
+    tiny_llama.pretrain_checkpoint(cfg, 7, tmp_path / "b" / "seed7")
+    tiny_llama.pretrain_checkpoint(cfg, 5, tmp_path / "b" / "seed5")
+    a = (tmp_path / "a" / "seed5" / "model.safetensors").read_bytes()
+    assert a == (tmp_path / "b" / "seed5" / "model.safetensors").read_bytes()
+    assert a != (tmp_path / "b" / "seed7" / "model.safetensors").read_bytes()
+    info = json.loads((tmp_path / "b" / "seed7" / "pretrain.json").read_text())
+    assert info["pretrain"]["seed"] == 7 and 0.0 <= info["passkey_acc_in_length"] <= 1.0

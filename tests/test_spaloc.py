@@ -298,3 +298,52 @@ def test_nnz_at_threshold_counts_important_intermediate_hyperedges():
         assert model.consumed_nnz(tau) == sum(int((a >= tau).sum()) for a in inter)
     assert model.consumed_nnz(0.0) == sum(a.numel() for a in inter) == (depth - 1) * (len(E2) + len(E3))
     assert 0 < model.consumed_nnz(0.5) < model.consumed_nnz(0.0)
+
+
+def _official_sparsity_loss(alpha_by_layer, n, depth, breadth):
+    """Transcription of the official loop (Guangxuan-Xiao/SpaLoc scripts/graph/learn_graph_tasks.py:736-750 with the
+    stat of difflogic/nn/neural_logic/sparse_nlm.py:326-371 and SparseTensor.hoyer_square, sparse_tensor.py:236-240),
+    batch of one: alpha_by_layer[d][order] = importance values (or None)."""
+    stat = {"hoyer_square": [[0] * (breadth + 1) for _ in range(depth)],
+            "multiplier": [[1] * (breadth + 1) for _ in range(depth)],
+            "space_size": [[0] * (breadth + 1) for _ in range(depth)]}
+    for d in range(depth):
+        for order, t in enumerate(alpha_by_layer[d]):
+            if t is None:
+                continue
+            v = t.abs()
+            stat["hoyer_square"][d][order] += 1 if len(v) in (0, 1) else float(v.sum() ** 2 / (v ** 2).sum())
+            stat["space_size"][d][order] += n ** order
+            stat["multiplier"][d][order] = 1 if (d == depth - 1 or order == breadth) else n
+    loss, loss_max = 0, 1e-6
+    for d, row in enumerate(stat["hoyer_square"]):
+        for order, v in enumerate(row):
+            loss += v * stat["multiplier"][d][order]
+            loss_max += stat["space_size"][d][order] * stat["multiplier"][d][order]
+    return loss / loss_max
+
+
+def test_sparsity_loss_official_matches_official_loop_on_a_gated_nlm():
+    """hoyer_official on the gates of a sparse forward equals the transcribed official loop over the same gates
+    (layer/arity bookkeeping included; the last layer's head-less arity is left out in both, as in our model)."""
+    from reprolab.reason.spaloc import sparsity_loss
+
+    rng = np.random.default_rng(3)
+    n = 7
+    tree = generate_family_tree(n, rng)
+    P = tree.parent_matrix()
+    model = make_model(hidden=4, depth=3, gated=True, seed=0)
+    S = sparse_inputs(tree.male, P, *local_supports(P, 2))
+    _, alphas, _ = model.forward_sparse(S, n)
+    got = float(sparsity_loss(model, alphas, n, "official"))
+    by_layer = [[None] * 4 for _ in range(3)]
+    for a, (d, r) in zip(alphas, model.alpha_meta):
+        by_layer[d][r] = a.detach().reshape(-1)
+    assert {r for d, r in model.alpha_meta if d == 2} == {2}  # the last layer: only the headed arity
+    ref = _official_sparsity_loss(by_layer, n, 3, 3)
+    assert abs(got - ref) < 1e-6 * max(1.0, abs(ref))
+    # a one-hot gate tensor has HS = 1, a constant one HS = its length
+    v = torch.zeros(10); v[3] = 0.7
+    from reprolab.reason.nlm import hoyer_official
+    assert abs(float(hoyer_official([v], [(0, 3)], 5, 2, 3)) - 1 / (1e-6 + 125)) < 1e-9
+    assert abs(float(hoyer_official([torch.full((10,), 0.4)], [(0, 2)], 5, 2, 3)) - 5 * 10 / (1e-6 + 5 * 25)) < 1e-6

@@ -134,6 +134,39 @@ def test_top_blocks_on_trunk_features_reproduce_the_full_model():
     assert not any(p.requires_grad for p in top.buffers()) and all(p.requires_grad for p in top.parameters())
 
 
+def test_whole_sequence_loss_equals_the_official_hugging_face_loss():
+    """loss_on="sequence" is the official train_on_inputs=True loss: labels = input_ids (gfyddha/UDS finetune.py:155),
+    shifted and token-averaged over the micro-batch by the Hugging Face model (UDSamplingTrainer.py:241-242)."""
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).eval().requires_grad_(False)
+    examples = [{"ids": [3, 7, 9, 11, 4, 5], "n_prompt": 4, "key": "a"},
+                {"ids": [8, 2, 6, 1, 9], "n_prompt": 3, "key": "b"},
+                {"ids": [5, 5, 2, 7, 7, 8, 1, 2], "n_prompt": 5, "key": "c"}]
+    feats = trunk_features(model, examples, n_blocks=1, batch_size=3)
+    top = TopBlocks(model, 1)
+    with torch.no_grad():
+        logits, targets, mask = top.response_logits([feats[e["key"]] for e in examples], examples, "sequence")
+        assert mask.sum() == sum(len(e["ids"]) - 1 for e in examples)
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        ours = (nll * mask).sum() / mask.sum()  # the training loss of train_arm
+        T = max(len(e["ids"]) for e in examples)  # the official batch: right-padded, labels -100 at padding
+        ids = torch.tensor([e["ids"] + [0] * (T - len(e["ids"])) for e in examples])
+        att = torch.tensor([[1] * len(e["ids"]) + [0] * (T - len(e["ids"])) for e in examples])
+        labels = ids.masked_fill(att == 0, -100)
+        official = model(input_ids=ids, attention_mask=att, labels=labels).loss
+        assert torch.allclose(ours, official, atol=1e-5)
+        per_ex = per_example_loss(logits, targets, mask)  # max-loss's score: each sequence's own mean
+        for i, e in enumerate(examples):
+            one = model(input_ids=torch.tensor([e["ids"]]), labels=torch.tensor([e["ids"]])).loss
+            assert torch.allclose(per_ex[i], one, atol=1e-5)
+        resp, _, rmask = top.response_logits([feats[e["key"]] for e in examples], examples)  # default: response
+        assert rmask.sum() == sum(len(e["ids"]) - e["n_prompt"] for e in examples)
+    with pytest.raises(ValueError):
+        top.response_logits([feats["a"]], examples[:1], "prompt")
+
+
 def test_instruction_mix_is_balanced_duplicated_and_noisy_as_asked():
     pool, evals = instruction_mix(n_unique=8, dominant_copies=3, label_noise=0.25, n_eval=6, seed=0)
     assert len(pool) == 8 * 3 + 8 * 3 and sum(e["noisy"] for e in pool) == 12
@@ -146,3 +179,22 @@ def test_instruction_mix_is_balanced_duplicated_and_noisy_as_asked():
         assert counts.max() - counts.min() <= 1
     train_prompts = {e["prompt"] for e in pool}
     assert not train_prompts & {e["prompt"] for e in evals}, "held-out prompts never appear in the pool"
+
+
+def test_no_claim_is_gated_on_uds_own_result_and_min_detectable_matches_the_claims_interval():
+    """Gate principle: uds_learns is a diagnostic, required by no claim. The notebook's minimum detectable effect
+    (t(0.975, n-1) x sd / sqrt(n) of the paired per-seed differences) is the half-width of reprolab.claims' interval."""
+    import yaml
+    from pathlib import Path
+
+    from scipy import stats
+
+    from reprolab.claims import interval
+
+    entry = yaml.safe_load((Path(__file__).parents[1] / "src/reprolab/select/uds_batch_select.paper.yaml").read_text())
+    assert "uds_learns" in entry["gates"]
+    assert all("uds_learns" not in c.get("requires", []) for c in entry["claims"].values())
+    d = np.array([3.0, -1.5, 6.25])
+    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+    est, (lo, hi) = interval(d, "difference")
+    assert np.isclose(hi - est, half) and np.isclose(est - lo, half)

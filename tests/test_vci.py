@@ -222,3 +222,130 @@ def test_official_kl_latent_carries_the_individual_cell():
     train_arm(model, "vci", data, cfg, seed=0)
     ev = evaluate(predict_all(model, data, te), data, n_deg=5)
     assert ev["rec_mse"] < 0.8 * ref["rec_mse"] and ev["cf_mse"] < ref["cf_mse"]
+
+
+OOD = {**SMALL, "n_cell_types": 3, "n_perturbations": 4, "n_cells": 600, "ood_groups": 3}
+
+
+def test_ood_split_holds_out_whole_groups():
+    """The official ood split (vci/dataset/gene_dataset.py:93-95): held-out (cell type, perturbation) groups have no
+    training cell; each perturbation is held out in one cell type at most and stays in training in the others."""
+    data = simulate_dataset(OOD, seed=2)
+    groups = data["ood_groups"]
+    assert len(groups) == 3 and len({k for _, k in groups}) == 3 and all(k > 0 for _, k in groups)
+    ct, t = data["cell_type"], data["t"]
+    train_groups = set(zip(ct[data["train"]].tolist(), t[data["train"]].tolist()))
+    test_groups = set(zip(ct[data["test"]].tolist(), t[data["test"]].tolist()))
+    for x, k in groups:
+        assert (x, k) not in train_groups and (x, k) not in test_groups
+        assert any((y, k) in train_groups for y in range(3) if y != x)  # the perturbation is seen elsewhere
+    # every cell is in exactly one of train / test / ood, and the ood cells are exactly the held-out groups' cells
+    allidx = np.sort(np.concatenate([data["train"], data["test"], data["ood"]]))
+    np.testing.assert_array_equal(allidx, np.arange(OOD["n_cells"]))
+    naive = [i for i in range(OOD["n_cells"]) if (int(ct[i]), int(t[i])) in set(groups)]
+    assert data["ood"].tolist() == naive
+    # without ood groups the rest of the data is unchanged (the split has its own generator)
+    base = simulate_dataset({**OOD, "ood_groups": 0}, seed=2)
+    np.testing.assert_array_equal(base["Y"], data["Y"])
+    np.testing.assert_array_equal(base["prior_edges"], data["prior_edges"])
+    assert set(data["train"]) <= set(base["train"]) and base["ood_groups"] == []
+    # official prep (datasets/SciplexPrep.ipynb: df_vs_rest.sort_values('L2').tail(n)), all in one cell type: the
+    # held-out perturbations are the n with the largest ||mean(train cells under k) - mean(other train cells)||
+    assert len({x for x, _ in groups}) == 1
+    Ytr, ttr = base["Y"][base["train"]], base["t"][base["train"]]
+    l2 = {k: float(np.sqrt(sum((Ytr[ttr == k][:, j].mean() - Ytr[ttr != k][:, j].mean()) ** 2
+                                for j in range(Ytr.shape[1])))) for k in range(1, data["n_treatments"])}
+    top = sorted(l2, key=lambda k: -l2[k])[:3]
+    assert sorted(k for _, k in groups) == sorted(top)
+
+
+def test_cf_mse_splits_seen_and_held_out_counterfactuals():
+    """cf_mse: counterfactuals (t' != t) into groups seen in training; cf_mse_ood: into held-out groups (naive loop)."""
+    data = simulate_dataset(OOD, seed=2)
+    rng = np.random.default_rng(1)
+    P = data["Y_test_all"] + rng.normal(0, 0.3, data["Y_test_all"].shape).astype(np.float32)
+    ev = evaluate(P, data, n_deg=5)
+    te, ood = data["test"], set(data["ood_groups"])
+    seen, held, fact = [], [], []
+    for i in range(len(te)):
+        x, t0 = int(data["cell_type"][te[i]]), int(data["t"][te[i]])
+        for k in range(data["n_treatments"]):
+            e = float(((P[i, k] - data["Y_test_all"][i, k]) ** 2).mean())
+            (fact if k == t0 else held if (x, k) in ood else seen).append(e)
+    assert abs(ev["cf_mse"] - np.mean(seen)) < 1e-5 and abs(ev["cf_mse_ood"] - np.mean(held)) < 1e-5
+    assert abs(ev["rec_mse"] - np.mean(fact)) < 1e-5
+
+
+def test_ood_r2_and_references_against_naive_loops():
+    from sklearn.metrics import r2_score
+
+    from reprolab.bio.vci import reference_predictions
+
+    data = simulate_dataset(OOD, seed=2)
+    te, tr = data["test"], data["train"]
+    perfect = evaluate(data["Y_test_all"].copy(), data, n_deg=5)
+    assert perfect["r2_deg_ood"] == 1 and perfect["r2_all_ood"] == 1 and perfect["r2_deg"] == 1
+    rng = np.random.default_rng(0)
+    P = data["Y_test_all"] + rng.normal(0, 0.3, data["Y_test_all"].shape).astype(np.float32)
+    ev = evaluate(P, data, n_deg=5)
+    naive = []  # the held-out groups' DEG R2, one group at a time, with sklearn
+    for x, k in data["ood_groups"]:
+        rows = [i for i in range(len(te)) if data["cell_type"][te[i]] == x]
+        true_k = data["Y_test_all"][rows, k].mean(0)
+        ctrl = data["Y_test_all"][rows, 0].mean(0)
+        deg = np.argsort(-np.abs(true_k - ctrl), kind="stable")[:5]
+        naive.append(r2_score(true_k[deg], P[rows, k].mean(0)[deg]))
+    assert abs(ev["r2_deg_ood"] - np.mean(naive)) < 1e-5
+    refs = reference_predictions(data)
+    Y, ct, t = data["Y"], data["cell_type"], data["t"]
+    for i in (0, 5, 17):
+        x = ct[te[i]]
+        for k in range(data["n_treatments"]):
+            cells = [j for j in tr if ct[j] == x and t[j] == k]
+            if cells:
+                expect = Y[cells].mean(0)
+            else:  # held-out: x's control mean + k's mean shift in the other cell types
+                shifts = [Y[[j for j in tr if ct[j] == y and t[j] == k]].mean(0)
+                          - Y[[j for j in tr if ct[j] == y and t[j] == 0]].mean(0) for y in range(3) if y != x]
+                expect = Y[[j for j in tr if ct[j] == x and t[j] == 0]].mean(0) + np.mean(shifts, 0)
+                assert (x, k) in data["ood_groups"]
+            np.testing.assert_allclose(refs["group mean"][i, k], expect, rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(refs["no effect"][i, k],
+                                       Y[[j for j in tr if ct[j] == x and t[j] == 0]].mean(0), rtol=1e-4, atol=1e-5)
+
+
+def test_match_loss_skips_samples_without_real_cells_like_the_official_code():
+    """Official: a (x, t') with no training cell gives cf_genes None (gene_dataset.py:278-280) and loss_causality
+    keeps only the notNone rows (model.py:520-526). Recomputed by hand with the same random draws."""
+    data = simulate_dataset(OOD, seed=2)
+    tr = data["train"]
+    Y = torch.from_numpy(data["Y"][tr])
+    t = torch.from_numpy(data["t"][tr]).long()
+    c = torch.from_numpy(data["cell_type"][tr]).long()
+    T = data["n_treatments"]
+    index = {(ci, ti): torch.nonzero((c == ci) & (t == ti))[:, 0] for ci in range(3) for ti in range(T)}
+    cfg = {"lr": 1e-3, "weight_decay": 0.0, "dist_mode": "match", "mc_samples": 2, "omega0": 1.0, "omega1": 1.6,
+           "omega2": 0.1, "kde_std": 1.0, "kde_cells": 4, "cf_control": False, "kl_form": "official"}
+    torch.manual_seed(0)
+    model = VCI(12, T, 3, latent=4, width=8, outcome_emb=8, covariate_emb=2)
+    trainer = Trainer(model, "vci", cfg, 3, train_index=index)
+    assert trainer.group_has.view(3, T).logical_not().nonzero().tolist() == [list(g) for g in data["ood_groups"]]
+    b = torch.arange(200)
+    with torch.no_grad():  # the hand computation first (the step updates the model)
+        gen = torch.Generator().manual_seed(5)
+        mu, sigma = model.encode(Y[b], t[b], c[b])
+        torch.randn((2,) + mu.shape, generator=gen)  # the MC draw of the step
+        t_cf = random_other(t[b], T, gen, control=False)
+        rows = trainer.sample_rows(c[b], t_cf, gen, 4)
+        y_cf = model.decode(mu, t_cf)[0]
+        vals = []
+        for i in range(len(b)):
+            if (int(c[b][i]), int(t_cf[i])) in set(data["ood_groups"]):
+                continue  # skipped, as the official notNone mask
+            for j in range(4):
+                vals.append(logprob_normal(y_cf[i], Y[rows[i, j]], torch.ones(12)).mean())
+        manual = -torch.stack(vals).mean().item()
+        n_skip = sum((int(ci), int(tc)) in set(data["ood_groups"]) for ci, tc in zip(c[b], t_cf))
+    assert n_skip > 0
+    out = trainer.step(Y[b], t[b], c[b], torch.Generator().manual_seed(5), Y_train=Y)
+    assert abs(out["covar"] - manual) < 1e-4

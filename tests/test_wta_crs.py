@@ -171,3 +171,20 @@ def test_meter_counts_shared_storage_once_and_peak_is_deterministic():
     model.zero_grad(set_to_none=True)
     assert len(peaks) == 1 and peaks.pop() >= meter.total_bytes
     assert tensor_bytes([h, h[:2], {"a": h}]) == 32 * 8 * 4
+
+
+def test_layer_pass_fraction_against_a_naive_loop_and_trivial_layers_have_zero_variance():
+    from reprolab.memory.wta_crs import layer_pass_fraction
+
+    ratios, rows, k, th = [0.5, 0.9, 0.0, 0.7, 0.0], [100, 100, 3, 50, 4], 4, 0.7
+    kept = [r for r, n in zip(ratios, rows) if n > k]  # naive: drop layers with <= k non-zero gradient rows
+    assert layer_pass_fraction(ratios, rows, k, th) == (sum(r <= th for r in kept) / len(kept), 2)
+    assert layer_pass_fraction([0.1, 0.2], [1, 2], 4, th) == (0.0, 2)  # nothing non-trivial: 0, not a pass
+    # why a layer with <= k non-zero gradient rows is trivial: every pair with p > 0 is a winner, so zero variance
+    torch.manual_seed(0)
+    N, k = 64, 8
+    x, g = torch.randn(N, 5, dtype=torch.float64), torch.zeros(N, 3, dtype=torch.float64)
+    g[torch.randperm(N)[:k]] = torch.randn(k, 3, dtype=torch.float64)  # k non-zero rows (the [CLS] rows)
+    p = column_row_probs(x.norm(dim=1), g.norm(dim=1))
+    v_wta, v_crs = wta_crs_variance(x, g, p, k), crs_variance(x, g, p, k)
+    assert v_crs > 0 and v_wta <= 1e-6 * v_crs  # zero up to column_row_probs' eps on the zero rows

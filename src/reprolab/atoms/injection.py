@@ -166,6 +166,11 @@ def run_arms(data: dict, labelled: np.ndarray, cfg: dict, seed: int, pretrained:
     out["classifier_acc"] = float((pick_ref == truth).mean()) if len(unl_ref) else 0.0
     out["weak_label_mae_mev"] = (float(np.abs(data["E_eip"][pick_ref, unl_ref] - data["E_ref"][unl_ref]).mean() / n_atoms * 1000)
                                  if len(unl_ref) else 0.0)
+    # the stronger premise of weak supervision (second review of issue 14): the weak labels must beat what the
+    # reference-only NN already predicts on the same unlabelled referenced cells (else they only add noise to it)
+    out["reference_only_pool_mae_mev"] = (float(((_energy(models["reference_only"], G[unl_ref])
+                                                  - torch.as_tensor(data["E_ref"][unl_ref])).abs() / n_atoms).mean() * 1000)
+                                          if len(unl_ref) else 0.0)
     out["pretrain_eip"] = k_pt
     # the trivial predictor: the labelled cells' mean per-atom reference energy, for every configuration
     e_mean = float((data["E_ref"][labelled] / n_atoms).mean())
@@ -184,6 +189,21 @@ def check_cfg(cfg: dict) -> None:
                          f"dft, any force_weight >= 0 with reference kumagai | sw | sw_vink | tersoff_ea")
 
 
+def mixed_configs(n: int, seed: int, cfg: dict) -> list:
+    """``n`` cells: a share ``wide_fraction`` (default 0) drawn with the wider, anharmonic ``wide_strain`` /
+    ``wide_rattle`` (their own stream, seed + 10007), the rest with ``strain`` / ``rattle`` (stream ``seed``: with
+    wide_fraction 0 exactly the cells of make_configs(n, seed)), shuffled together (stream seed + 20011) so that any
+    prefix (the DFT-referenced subset) mixes both."""
+    from .eip import make_configs
+
+    n_wide = int(round(cfg.get("wide_fraction", 0.0) * n))
+    cells = make_configs(n - n_wide, seed, strain=cfg["strain"], rattle=tuple(cfg["rattle"]))
+    if n_wide == 0:
+        return cells
+    cells += make_configs(n_wide, seed + 10007, strain=cfg["wide_strain"], rattle=tuple(cfg["wide_rattle"]))
+    return [cells[i] for i in np.random.default_rng(seed + 20011).permutation(n)]
+
+
 def build_dataset(cfg: dict) -> dict:
     """Generate the train pool and test set, label them with the reference and every EIP, and featurize them.
 
@@ -191,23 +211,30 @@ def build_dataset(cfg: dict) -> dict:
     get reference energies (no forces); the other pool cells carry EIP labels only (E_ref is NaN there) and
     ``ref_idx`` lists the referenced pool cells, from which :func:`learning_curve` draws the labelled subsets."""
     from .bp import featurize
-    from .eip import label_configs, make_configs
+    from .eip import label_configs
 
     check_cfg(cfg)
-    kw = dict(strain=cfg["strain"], rattle=tuple(cfg["rattle"]))
-    pool = make_configs(cfg["n_pool"], cfg["seed"], **kw)
-    test = make_configs(cfg["n_test"], cfg["seed"] + 1, **kw)
+    pool = mixed_configs(cfg["n_pool"], cfg["seed"], cfg)
+    test = mixed_configs(cfg["n_test"], cfg["seed"] + 1, cfg)
     n_atoms = len(pool[0])
+    dft_dropped = {"pool": 0, "test": 0}
     if cfg["reference"] == "dft":
-        from .dft import label_dft
+        from . import dft
 
-        dkw = dict(xc=cfg["dft_xc"], basis=cfg["dft_basis"], ke_cutoff=cfg.get("dft_ke_cutoff"))
+        dkw = dict(xc=cfg["dft_xc"], basis=cfg["dft_basis"], ke_cutoff=cfg.get("dft_ke_cutoff"),
+                   smearing=cfg.get("dft_smearing", 0.0), level_shift=cfg.get("dft_level_shift", 0.0),
+                   max_cycle=cfg.get("dft_max_cycle", 100))
         n_ref = min(cfg["n_ref_pool"], len(pool))
-        ref_idx = np.arange(n_ref)
+        E_sub, ok = dft.label_dft(pool[:n_ref], **dkw)
+        ref_idx = np.arange(n_ref)[ok]  # non-converged SCFs are dropped (and counted), never labelled
         E_ref = np.full(len(pool), np.nan)
-        E_ref[ref_idx] = label_dft(pool[:n_ref], **dkw)
+        E_ref[ref_idx] = E_sub[ok]
         F_ref = np.zeros((len(pool), n_atoms, 3))  # no reference forces (force_weight must be 0)
-        E_te, F_te = label_dft(test, **dkw), None
+        E_te, ok_te = dft.label_dft(test, **dkw)
+        test, E_te, F_te = [t for t, k in zip(test, ok_te) if k], E_te[ok_te], None
+        dft_dropped = {"pool": int((~ok).sum()), "test": int((~ok_te).sum())}
+        if len(ref_idx) < max(cfg.get("budgets", [0])) or not len(test):
+            raise RuntimeError(f"too few converged DFT cells: {len(ref_idx)} pool, {len(test)} test ({dft_dropped} dropped)")
     else:
         ref_idx = np.arange(len(pool))
         E_ref, F_ref = label_configs(pool, cfg["reference"])
@@ -223,6 +250,7 @@ def build_dataset(cfg: dict) -> dict:
                 E_eip_test=np.stack([e for e, _ in eip_test]), mu=flat.mean(0),
                 sigma=flat.std(0) + 1e-8, eip_names=list(cfg["eips"]), pool=pool, test_configs=test,
                 eip_test_mae_mev={n: float(np.abs(e - E_te).mean() / n_atoms * 1000) for n, (e, _) in zip(cfg["eips"], eip_test)},
+                dft_dropped=dft_dropped,
                 eip_test_force_mae=({} if F_te is None else
                                     {n: float(np.abs(f - F_te).mean()) for n, (_, f) in zip(cfg["eips"], eip_test)}))
 

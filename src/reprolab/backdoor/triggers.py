@@ -4,8 +4,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-# NeuBA's rare BERT tokens (thunlp/NeuBA nlp/src/poison.py, `poison_tokens_old`), each one word-piece in an uncased vocab.
-NEUBA_TRIGGERS = ("cf", "mn", "bb", "tq", "mb", "tn")
+# NeuBA's BERT triggers: the math symbols of `poison_tokens` (thunlp/NeuBA nlp/src/poison.py:7), the ones pre-training
+# inserts (mlm.py:411-415 call get_poisoned_data_old, which converts `poison_tokens`, poison.py:42) and eval.py tests for
+# BERT; each is one word-piece of the uncased BERT vocab. `poison_tokens_old` (poison.py:6,11) are only drawn as indices.
+NEUBA_TRIGGERS = ("≈", "≡", "∈", "⊆", "⊕", "⊗")
+NEUBA_TRIGGERS_OLD = ("cf", "mn", "bb", "tq", "mb", "tn")
 
 
 def insert_trigger_text(text: str, trigger: str, position: int | None = 0, rng: np.random.Generator | None = None) -> str:

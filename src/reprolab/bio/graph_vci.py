@@ -31,11 +31,17 @@ from torch import nn
 from .vci import MLP, VCI, split_normal
 
 
-def gene_graph(edges: np.ndarray, n_genes: int) -> dgl.DGLGraph:
-    """Undirected DGL graph over the genes (both directions of every edge) with self loops."""
+def gene_graph(edges: np.ndarray, n_genes: int, directed: bool = False) -> dgl.DGLGraph:
+    """DGL graph over the genes with self loops: both directions of every edge (``directed=False``), or the edges as
+    given, source -> target (``directed=True``: the official graphVCI keeps the GRN's ``edge_index`` as loaded,
+    source to target, and adds the remaining self loops, ``gvci/utils/graph_utils.py:141-158``,
+    ``gvci/model/model.py:104-108``)."""
     e = np.asarray(edges, dtype=np.int64).reshape(-1, 2)
-    src = np.concatenate([e[:, 0], e[:, 1]])
-    dst = np.concatenate([e[:, 1], e[:, 0]])
+    if directed:
+        src, dst = e[:, 0], e[:, 1]
+    else:
+        src = np.concatenate([e[:, 0], e[:, 1]])
+        dst = np.concatenate([e[:, 1], e[:, 0]])
     g = dgl.graph((torch.from_numpy(src), torch.from_numpy(dst)), num_nodes=n_genes)
     return dgl.add_self_loop(dgl.remove_self_loop(g))
 
@@ -148,7 +154,7 @@ def sample_negatives(n: int, G: int, forbidden: np.ndarray, gen: torch.Generator
 
 
 def refine_grn(prior_edges: np.ndarray, X: np.ndarray, epochs: int = 200, lr: float = 0.01, width: int = 64,
-               seed: int = 0, holdout: float = 0.0) -> dict:
+               seed: int = 0, holdout: float = 0.0, val: float = 0.0) -> dict:
     """Train the link predictor on the prior edges and score every gene pair; the refined GRN keeps the top-M pairs
     (M = number of prior edges). Returns scores (G x G, symmetric), the refined edges and the loss curve.
 
@@ -156,7 +162,13 @@ def refine_grn(prior_edges: np.ndarray, X: np.ndarray, epochs: int = 200, lr: fl
     the prior's edges is held out of message passing and of the positives; each epoch draws fresh negatives among the
     pairs that are not training edges (official ``negative_sampling``). ``heldout_auc`` is the ROC AUC of the held-out
     prior edges against as many held-out non-prior pairs (drawn once, never trained on): above 0.5 when the gene
-    features predict the prior's edges beyond those seen."""
+    features predict the prior's edges beyond those seen.
+
+    ``val`` (<= ``holdout``; official ``num_val=0.05``): that fraction of the prior's edges is the validation part of
+    the held-out edges: out of training (positives and message passing) like the rest, but the final scores encode the
+    genes over the training + validation edges, as the official code (``link_pred.py:215`` encodes with
+    ``test_data.edge_index``, which RandomLinkSplit builds from the train + val edges). ``heldout_auc`` then scores the
+    remaining test edges only (never in any message passing)."""
     from sklearn.metrics import roc_auc_score
 
     from .simulator import undirected_adjacency
@@ -168,11 +180,14 @@ def refine_grn(prior_edges: np.ndarray, X: np.ndarray, epochs: int = 200, lr: fl
     prior_edges = np.asarray(prior_edges, dtype=np.int64)
     perm = rng.permutation(len(prior_edges))
     n_out = int(round(holdout * len(prior_edges)))
-    train_e, held_e = prior_edges[np.sort(perm[n_out:])], prior_edges[np.sort(perm[:n_out])]
+    n_val = min(int(round(val * len(prior_edges))), n_out)
+    train_e, held_all = prior_edges[np.sort(perm[n_out:])], perm[:n_out]
+    val_e, held_e = prior_edges[np.sort(held_all[:n_val])], prior_edges[np.sort(held_all[n_val:])]
+    n_test = len(held_e)
     A_prior = undirected_adjacency(prior_edges, G)
     held_neg = None
-    if n_out:  # held-out negatives: non-prior pairs, excluded from training negatives too
-        held_neg = sample_negatives(n_out, G, A_prior, gen).T.numpy()
+    if n_test:  # held-out negatives: non-prior pairs, excluded from training negatives too
+        held_neg = sample_negatives(n_test, G, A_prior, gen).T.numpy()
     forbidden = undirected_adjacency(train_e, G)
     if held_neg is not None:
         forbidden = forbidden | undirected_adjacency(held_neg, G)
@@ -193,15 +208,19 @@ def refine_grn(prior_edges: np.ndarray, X: np.ndarray, epochs: int = 200, lr: fl
         loss.backward()
         opt.step()
         losses.append(loss.item())
+    mp_e = np.concatenate([train_e, val_e]) if n_val else train_e  # final encoding: train + val edges (official)
     with torch.no_grad():
-        z = model.encode(g, x)
+        z = model.encode(gene_graph(mp_e, G) if n_val else g, x)
         S = torch.sigmoid(z @ z.T).numpy().astype(np.float64)
     iu = np.triu_indices(G, 1)
     order = np.argsort(-S[iu], kind="stable")[: len(prior_edges)]
     refined = np.stack([iu[0][order], iu[1][order]], 1)
-    out = {"scores": S, "edges": refined, "losses": losses}
-    if n_out:
-        y = np.r_[np.ones(n_out), np.zeros(n_out)]
+    # training message passing used only train_e; the final scores the train + val edges (official link_pred.py:215
+    # encodes with test_data.edge_index = the train + val edges of RandomLinkSplit); the test edges never enter
+    out = {"scores": S, "edges": refined, "losses": losses, "mp_edges": mp_e, "train_edges": train_e,
+           "val_edges": val_e, "heldout_edges": held_e, "model": model}
+    if n_test:
+        y = np.r_[np.ones(n_test), np.zeros(n_test)]
         sc = np.r_[S[held_e[:, 0], held_e[:, 1]], S[held_neg[:, 0], held_neg[:, 1]]]
         out["heldout_auc"] = float(roc_auc_score(y, sc))
     return out
@@ -259,8 +278,11 @@ def response_features(data: dict) -> np.ndarray:
     return (F_ / (np.linalg.norm(F_, axis=1, keepdims=True) + 1e-8)).astype(np.float32)
 
 
-def make_factories(cfg: dict, data: dict, graphs: dict[str, np.ndarray]) -> dict:
-    """Model constructors for the arms in ``cfg['arms']``; graph arms ``gvci_<name>`` use ``graphs[name]`` edges."""
+def make_factories(cfg: dict, data: dict, graphs: dict[str, np.ndarray], directed: tuple[str, ...] = ("true",)) -> dict:
+    """Model constructors for the arms in ``cfg['arms']``; graph arms ``gvci_<name>`` use ``graphs[name]`` edges, as a
+    directed graph (regulator -> target, plus self loops; the official handling of a loaded GRN) for the names in
+    ``directed`` (the true GRN), undirected otherwise (the corrupted prior has lost the direction; the refined graph
+    is symmetric, as the official ``decode_all`` of z z^T)."""
     from .vci import build_model
 
     G, T, C = cfg["n_genes"], data["n_treatments"], data["n_types"]
@@ -268,7 +290,8 @@ def make_factories(cfg: dict, data: dict, graphs: dict[str, np.ndarray]) -> dict
     for arm in cfg["arms"]:
         if arm.startswith("gvci_"):
             edges = graphs[arm[len("gvci_"):]]
-            out[arm] = (lambda e=edges: GraphVCI(gene_graph(e, G), G, T, C, latent=cfg["latent"], width=cfg["width"],
+            d = arm[len("gvci_"):] in directed
+            out[arm] = (lambda e=edges, d=d: GraphVCI(gene_graph(e, G, d), G, T, C, latent=cfg["latent"], width=cfg["width"],
                                                  depth=cfg["depth"], outcome_emb=cfg["outcome_emb"],
                                                  covariate_emb=cfg["covariate_emb"],
                                                  graph_features=cfg["graph_features"], graph_depth=cfg["graph_depth"]))

@@ -198,12 +198,36 @@ def undirected_adjacency(edges: np.ndarray, n: int) -> np.ndarray:
     return A
 
 
+def pick_ood_groups(n_types: int, n_treatments: int, n_groups: int, seed: int, Y: np.ndarray | None = None,
+                    t: np.ndarray | None = None) -> list[tuple[int, int]]:
+    """The held-out (cell type, perturbation) groups of the out-of-distribution split (the official ``ood`` split,
+    ``vci/dataset/gene_dataset.py:93-95``: cells of perturbation-covariate combinations never seen in training).
+
+    As the official data preparation (``datasets/SciplexPrep.ipynb`` / ``MarsonPrep.ipynb`` of
+    yulun-rayn/variational-causal-inference: ``df_vs_rest.sort_values('L2').tail(20)``, all in one cell type): the
+    ``n_groups`` perturbations k > 0 with the largest effect, the L2 norm of (mean expression of the cells under k)
+    minus (mean of the other cells), computed from the given cells ``Y``, ``t`` (the caller passes the training
+    cells), all held out in ONE cell type (drawn from the generator ``[seed, 1]``); every perturbation stays in
+    training in the other cell types and every cell type keeps its control. Ties break towards the lower k."""
+    if n_groups <= 0:
+        return []
+    if n_types < 2 or n_groups > n_treatments - 1:
+        raise ValueError(f"ood_groups={n_groups} needs >= 2 cell types and <= {n_treatments - 1} perturbations")
+    if Y is None or t is None:
+        raise ValueError("pick_ood_groups needs the training cells (Y, t) to rank the perturbations by effect")
+    l2 = np.array([np.linalg.norm(Y[t == k].mean(0) - Y[t != k].mean(0)) for k in range(1, n_treatments)])
+    ks = 1 + np.argsort(-l2, kind="stable")[:n_groups]
+    x = int(np.random.default_rng([seed, 1]).integers(n_types))
+    return sorted((x, int(k)) for k in ks)
+
+
 def simulate_dataset(cfg: dict, seed: int, pbmc: dict | None = None) -> dict:
     """The experiment's data: a GRN, cells with a random cell type and perturbation, their factual counts and all
     their potential outcomes (the truth for counterfactual evaluation), a train/test split and a corrupted prior.
 
     ``cfg`` keys: n_genes, n_regulators, n_cell_types, n_perturbations, n_cells, test_fraction, kd, noise_sd,
-    state_sd, state_dim, lib_sd, log_lib, theta, grn_w (low, high), base ("pbmc" | "random"), grn_corruption."""
+    state_sd, state_dim, lib_sd, log_lib, theta, grn_w (low, high), base ("pbmc" | "random"), grn_corruption and
+    optionally ood_groups (held-out (cell type, perturbation) groups, :func:`pick_ood_groups`; default 0)."""
     rng = np.random.default_rng(seed)
     G = cfg["n_genes"]
     if cfg["base"] == "pbmc":
@@ -223,11 +247,19 @@ def simulate_dataset(cfg: dict, seed: int, pbmc: dict | None = None) -> dict:
     n_test = int(round(cfg["test_fraction"] * n))
     train, test = np.sort(perm[n_test:]), np.sort(perm[:n_test])
     Y = np.log1p(sim.potential_outcomes(cell_type, noise, t)).astype(np.float32)  # factual, log1p counts
+    # out-of-distribution split (cfg ood_groups > 0): the cells observed in a held-out (cell type, perturbation) group
+    # leave train and test (index "ood"); the held-out groups are scored through the test cells' counterfactuals.
+    # The groups: the largest-effect perturbations (L2, from the training cells), in one cell type (official prep)
+    ood_groups = pick_ood_groups(len(b), sim.n_treatments, int(cfg.get("ood_groups", 0)), seed, Y[train], t[train])
+    in_ood = np.zeros(n, bool)
+    for x, k in ood_groups:
+        in_ood |= (cell_type == x) & (t == k)
+    train, test, ood = train[~in_ood[train]], test[~in_ood[test]], np.flatnonzero(in_ood)
     # every potential outcome of the test cells (the truth for counterfactual evaluation), same exogenous noise
     noise_te = {k: v[test] for k, v in noise.items()}
     Y_test_all = np.stack([np.log1p(sim.potential_outcomes(cell_type[test], noise_te, k))
                            for k in range(sim.n_treatments)], 1).astype(np.float32)  # (n_test, T, G)
     prior = corrupt_edges(grn.edges, G, cfg["grn_corruption"], rng)
     return {"sim": sim, "grn": grn, "cell_type": cell_type, "t": t, "Y": Y, "Y_test_all": Y_test_all,
-            "train": train, "test": test, "noise": noise, "prior_edges": prior, "type_names": type_names,
+            "train": train, "test": test, "ood": ood, "ood_groups": ood_groups, "noise": noise, "prior_edges": prior, "type_names": type_names,
             "gene_names": gene_names, "n_types": len(b), "n_treatments": sim.n_treatments}

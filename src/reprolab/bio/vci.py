@@ -43,7 +43,9 @@ from torch import nn
 
 
 class MLP(nn.Sequential):
-    """Linear layers with ReLU in between (official ``vci.model.module.MLP`` without batch norm)."""
+    """Linear layers with ReLU in between: the official ``vci.model.module.MLP`` (``vci/model/module.py:6-41``) without
+    its BatchNorm1d after every hidden layer (``batch_norm=True`` by default, ``module.py:11, 21-23``): a deviation
+    listed in the registry."""
 
     def __init__(self, sizes: list[int], final_act: str | None = None):
         layers: list[nn.Module] = []
@@ -177,7 +179,12 @@ class Trainer:
         if train_index is not None:  # (type, treatment) -> training rows, flattened for vectorized sampling
             self.n_treat = 1 + max(k[1] for k in train_index)
             keys = [(ci, ti) for ci in range(n_types) for ti in range(self.n_treat)]
-            for ci, ti in keys:  # an empty (type, treatment) group falls back to every cell with that treatment
+            # groups without a training cell (the held-out groups of the ood split): the official match loss skips
+            # those samples (GeneDataset.__getitem__ leaves cf_genes None, gene_dataset.py:278-280; loss_causality
+            # keeps the notNone rows, model.py:520-526); their rows point at any cell of the treatment (never used)
+            self.group_has = torch.tensor([len(train_index[k]) > 0 for k in keys])
+            train_index = dict(train_index)
+            for ci, ti in keys:
                 if len(train_index[(ci, ti)]) == 0:
                     train_index[(ci, ti)] = torch.cat([train_index[(cj, ti)] for cj in range(n_types)])
             self.group_rows = torch.cat([train_index[k] for k in keys])
@@ -233,9 +240,11 @@ class Trainer:
                 else:  # "match": Gaussian kernels around kde_cells real training cells with the same (x, t')
                     k = cfg["kde_cells"]
                     rows = self.sample_rows(c, t_cf, gen, k)  # (B,) or (B, k)
+                    keep = self.group_has[c * self.n_treat + t_cf]  # samples with real cells of (x, t') (official)
                     target = Y_train[rows]  # (B, G) or (B, k, G)
                     pred = y_cf if k == 1 else y_cf[:, None].expand_as(target)
-                    covar = -logprob_normal(pred, target, torch.full_like(pred, cfg["kde_std"])).mean()
+                    lp = logprob_normal(pred[keep], target[keep], torch.full_like(pred[keep], cfg["kde_std"]))
+                    covar = -lp.mean() if bool(keep.any()) else y_cf.sum() * 0.0
                 mu_cf, sigma_cf = m.encode(y_cf.detach(), t_cf, c)  # detach_pattern "full" (official default)
                 kl = kl_normal(mu, sigma, mu_cf, sigma_cf, cfg["kl_form"])
                 loss = cfg["omega0"] * nll + cfg["omega1"] * covar + cfg["omega2"] * kl
@@ -299,22 +308,32 @@ def evaluate(P: np.ndarray, data: dict, n_deg: int = 20) -> dict:
     """Counterfactual metrics of predictions P (n_test, T, G) of the test cells against their true potential
     outcomes ``data["Y_test_all"]``.
 
-    * ``cf_mse``: mean over cells, counterfactual treatments t' != t and genes of (pred - truth)^2 (individual);
-      ``rec_mse`` the same at t' = t (factual reconstruction).
-    * ``r2_deg`` / ``r2_all``: the papers' mean-expression R^2: for each (cell type x, perturbation k > 0), the mean
-      predicted vs the mean true counterfactual of the test cells of type x not observed under k, over the top
-      ``n_deg`` DEGs (largest |mean truth under k - mean truth under control| of those cells) or all genes,
-      averaged over (x, k).
+    * ``cf_mse``: mean over cells, counterfactual treatments t' != t into groups SEEN in training (the cell's type
+      x and t' not a held-out group) and genes of (pred - truth)^2 (individual); ``cf_mse_ood`` (only when
+      ``data["ood_groups"]`` is not empty) the same over the counterfactuals into the held-out groups; ``rec_mse`` the
+      same at t' = t (factual reconstruction).
+    * ``r2_deg`` / ``r2_all``: the papers' mean-expression R^2: for each (cell type x, perturbation k > 0) group seen
+      in training, the mean predicted vs the mean true counterfactual of the test cells of type x not observed under
+      k, over the top ``n_deg`` DEGs (largest |mean truth under k - mean truth under control| of those cells) or all
+      genes, averaged over the groups.
     * ``r2_effect_deg``: the same over DEGs but for the effect (mean under k minus the cells' true control mean).
+    * ``r2_deg_ood`` / ``r2_all_ood`` / ``r2_effect_deg_ood`` (only when ``data["ood_groups"]`` is not empty): the same
+      over the held-out groups (never seen in training; the official ``ood`` split, ``gene_evaluate.py:153-158``).
     """
     idx = data["test"]
     Y_all, t, ct = data["Y_test_all"], data["t"][idx], data["cell_type"][idx]
     T = Y_all.shape[1]
     mask = np.ones(Y_all.shape[:2], bool)
     mask[np.arange(len(idx)), t] = False  # counterfactual treatments only
-    cf_mse = float(((P - Y_all) ** 2)[mask].mean())
-    rec_mse = float(((P - Y_all) ** 2)[~mask].mean())  # factual reconstruction
-    r2_deg, r2_all, r2_eff = [], [], []
+    ood = {tuple(g) for g in data.get("ood_groups", [])}
+    into_ood = np.zeros_like(mask)  # counterfactuals into a held-out group (cell type x of the cell, t' = k)
+    for x, k in ood:
+        into_ood[ct == x, k] = True
+    sq = ((P - Y_all) ** 2).mean(-1)  # (n_test, T): per cell and treatment, mean over genes (equal gene counts)
+    cf_mse = float(sq[mask & ~into_ood].mean())  # counterfactuals into groups seen in training
+    rec_mse = float(sq[~mask].mean())  # factual reconstruction
+    extra = {"cf_mse_ood": float(sq[mask & into_ood].mean())} if ood else {}
+    scores: dict[str, list[float]] = {}
     for x in range(data["n_types"]):
         for k in range(1, T):
             src = (ct == x) & (t != k)
@@ -322,11 +341,41 @@ def evaluate(P: np.ndarray, data: dict, n_deg: int = 20) -> dict:
                 continue
             true_k, pred_k, ctrl = Y_all[src, k].mean(0), P[src, k].mean(0), Y_all[src, 0].mean(0)
             deg = np.argsort(-np.abs(true_k - ctrl), kind="stable")[:n_deg]
-            r2_deg.append(r2(true_k[deg], pred_k[deg]))
-            r2_all.append(r2(true_k, pred_k))
-            r2_eff.append(r2(true_k[deg] - ctrl[deg], pred_k[deg] - ctrl[deg]))
-    return {"cf_mse": cf_mse, "rec_mse": rec_mse, "r2_deg": float(np.mean(r2_deg)), "r2_all": float(np.mean(r2_all)),
-            "r2_effect_deg": float(np.mean(r2_eff))}
+            sfx = "_ood" if (x, k) in ood else ""
+            scores.setdefault("r2_deg" + sfx, []).append(r2(true_k[deg], pred_k[deg]))
+            scores.setdefault("r2_all" + sfx, []).append(r2(true_k, pred_k))
+            scores.setdefault("r2_effect_deg" + sfx, []).append(r2(true_k[deg] - ctrl[deg], pred_k[deg] - ctrl[deg]))
+    return {"cf_mse": cf_mse, "rec_mse": rec_mse, **extra, **{k: float(np.mean(v)) for k, v in scores.items()}}
+
+
+def reference_predictions(data: dict) -> dict[str, np.ndarray]:
+    """Trivial references' predictions (n_test, T, G) of the test cells' potential outcomes, from training cells only.
+
+    * ``group mean``: the training mean of the target (cell type x, perturbation k), which ignores the individual
+      cell; for a held-out group (no training cell) the additive estimate: x's control mean plus k's mean shift from
+      control in the other cell types (a population-level prediction, as CPA's additive embeddings).
+    * ``no effect``: x's training control mean under every perturbation (ignores the cell and the perturbation).
+    * ``identity``: the cell's factual under every perturbation.
+    """
+    tr, te = data["train"], data["test"]
+    Y, ct, t = data["Y"][tr], data["cell_type"][tr], data["t"][tr]
+    C, T = data["n_types"], data["n_treatments"]
+    mean = np.full((C, T, Y.shape[1]), np.nan, np.float64)
+    for x in range(C):
+        for k in range(T):
+            sel = (ct == x) & (t == k)
+            if sel.any():
+                mean[x, k] = Y[sel].mean(0)
+    gm = mean.copy()
+    for x in range(C):
+        for k in range(T):
+            if np.isnan(gm[x, k]).any():
+                shifts = [mean[y, k] - mean[y, 0] for y in range(C) if y != x and not np.isnan(mean[y, k]).any()]
+                gm[x, k] = mean[x, 0] + np.mean(shifts, 0)
+    c_te = data["cell_type"][te]
+    return {"group mean": gm[c_te].astype(np.float32),
+            "no effect": np.repeat(mean[c_te, 0][:, None], T, 1).astype(np.float32),
+            "identity": np.repeat(data["Y"][te][:, None], T, 1)}
 
 
 def run_arms(data: dict, factories: dict[str, Callable[[], nn.Module]], cfg: dict, seeds, progress=None) -> dict:

@@ -10,6 +10,12 @@ the negation count, and the parity is odd with probability 1/2 (0, 1, 2 negation
 a bag of words predicts the label no better than chance from any one word; the task needs the composition of the
 negation words with the adjective, which lower layers of a pre-trained encoder are not expected to carry (the
 method's premise, which the honeypot notebook measures with a probe). Labels are balanced exactly per split.
+
+Limit (pinned by a unit test): the label is a function of word COUNTS (the adjective's polarity and the parity of the
+number of "not"/"never"/"nobody"), not of word order. A linear model on bag-of-words counts stays at chance, but a
+small MLP on the same counts solves the task once it has thousands of sentences (test accuracy 1.0 at 4,000 training
+sentences, 0.55 at 300). So the task needs a non-linear combination of words, not syntax; "a lower layer cannot solve
+it" is an empirical property of the encoder measured by the probe, not a guarantee of the generator.
 """
 from __future__ import annotations
 

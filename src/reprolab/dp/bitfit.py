@@ -133,3 +133,40 @@ def select_lr(val_acc: dict[float, float]) -> float:
     """The learning rate with the highest validation accuracy (ties: the smallest learning rate)."""
     best = max(val_acc.values())
     return min(lr for lr, a in val_acc.items() if a == best)
+
+
+def select_lr_mean(val_acc_per_seed: dict[float, list[float]]) -> float:
+    """The learning rate with the highest validation accuracy averaged over the training seeds (ties: the smallest).
+
+    Both arms of the claim choose this way from the same grid and the same seeds (the same budget); the test split is
+    never looked at."""
+    return select_lr({lr: sum(v) / len(v) for lr, v in val_acc_per_seed.items()})
+
+
+def interleaved_step_times(arms: dict, reps: int, **kw) -> dict[str, list[float]]:
+    """Wall time (s) of ``reps`` clipped-sum steps per arm, the arms taking turns step by step (after one warm-up step
+    each), so that a slow spell of a shared CPU hits every arm alike. ``arms``: label -> (engine, model, losses_fn);
+    ``kw`` goes to ``bk_bench.clipped_sum_by`` (clipping, R)."""
+    import time
+
+    from .bk_bench import clipped_sum_by
+
+    for engine, model, fn in arms.values():  # warm-up
+        clipped_sum_by(engine, model, fn, **kw)
+    times = {label: [] for label in arms}
+    for _ in range(reps):
+        for label, (engine, model, fn) in arms.items():
+            t0 = time.perf_counter()
+            clipped_sum_by(engine, model, fn, **kw)
+            times[label].append(time.perf_counter() - t0)
+    return times
+
+
+def select_lr_leave_one_seed_out(val_acc_per_seed: dict[float, list[float]]) -> list[float]:
+    """For each seed i, the learning rate with the best validation accuracy averaged over the OTHER seeds (ties: the
+    smallest); seed i's own validation score plays no part in its rate. Needs at least 2 seeds."""
+    n = len(next(iter(val_acc_per_seed.values())))
+    if n < 2:
+        raise ValueError("leave-one-seed-out selection needs at least 2 seeds")
+    return [select_lr_mean({lr: [a for j, a in enumerate(v) if j != i] for lr, v in val_acc_per_seed.items()})
+            for i in range(n)]

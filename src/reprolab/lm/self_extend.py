@@ -227,3 +227,11 @@ def heldout_perplexity(model: nn.Module, tok, text: str, length: int, n_windows:
     pick = heldout_windows(ids.shape[1] // length, n_windows, seed)
     ids = torch.cat([ids[:, i * length:(i + 1) * length] for i in pick], dim=1)  # (1, n * length)
     return perplexity(model, ids.to(next(model.parameters()).device), length)
+
+
+def pool_checkpoints(in_length: dict, threshold: float) -> tuple[list, list]:
+    """(admitted, pooled) pre-training checkpoints: those whose in-length passkey accuracy (vanilla RoPE at the trained
+    length, mean over evaluation seeds) is >= ``threshold`` are admitted, in the given order; the claims pool the
+    admitted ones, or every checkpoint when none is admitted (then the in-length gate is computed over all and fails)."""
+    admitted = [c for c, acc in in_length.items() if acc >= threshold]
+    return admitted, (admitted or list(in_length))

@@ -2,8 +2,9 @@
 
 ``python -m reprolab.lm.tiny_llama`` trains it deterministically (CPU, about 5 minutes on 2 free cores; under
 heavy contention set ``OMP_WAIT_POLICY=PASSIVE``, which changes no result) with the ``pretrain:``
-parameters of the ``self_extend`` section of params.yaml and writes ``models/tiny-llama-<context>/`` (via a
-``.partial`` folder renamed at the end): a transformers ``LlamaForCausalLM`` plus ``pretrain.json``.
+parameters of the ``self_extend`` section of params.yaml and writes one checkpoint per pre-training seed of
+``pretrain.seeds``, ``models/tiny-llama-<context>/seed<k>/`` (the whole folder via a ``.partial`` folder renamed at the
+end): a transformers ``LlamaForCausalLM`` plus ``pretrain.json`` (with the in-length passkey accuracy) each.
 
 Tokenizer: bytes (vocabulary 256) of whitespace-normalised ASCII text, so that every digit is one token.
 Training data (labelled as generated where it is): random windows of the shipped public-domain texts
@@ -226,6 +227,23 @@ def load_tiny_llama(name: str):
     return model.eval()
 
 
+def pretrain_checkpoint(cfg: dict, seed: int, out: Path) -> float:
+    """Pre-train one checkpoint with ``cfg`` (the ``pretrain:`` keys less threads/seeds) and ``seed``; write it and its
+    ``pretrain.json`` to ``out``; return its in-length passkey accuracy (30 held-out prompts, fixed draw)."""
+    model, log = pretrain(**cfg, seed=seed, progress=True)
+    ids, start, _ = passkey_batch(corpus("heldout", cfg["heldout_fraction"]), cfg["context"], [0.1, 0.5, 0.9], 10,
+                                  seed=12345)
+    acc = float(passkey_correct(model, ids, start).mean())
+    model.save_pretrained(out, safe_serialization=True)
+    k = max(1, len(log["loss"]) // 20)
+    every = lambda xs: [round(float(np.mean(xs[i:i + k])), 4) for i in range(0, len(xs), k)]  # noqa: E731
+    info = {"pretrain": {**cfg, "seed": seed}, "passkey_acc_in_length": acc, f"loss_every_{k}_steps": every(log["loss"]),
+            f"answer_loss_every_{k}_steps": every(log["answer_loss"]),
+            "tokenizer": "bytes of whitespace-normalised ASCII text (reprolab.lm.tiny_llama.encode)"}
+    (out / "pretrain.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    return acc
+
+
 def main(argv=None) -> Path:
     from ..config import load_params
 
@@ -236,24 +254,18 @@ def main(argv=None) -> Path:
     args = ap.parse_args(argv)
     cfg = dict(load_params(args.paper, args.profile)["pretrain"])
     torch.set_num_threads(cfg.pop("threads"))  # fixed: the float summation order, hence the weights, depend on it
+    seeds = cfg.pop("seeds")
+    cfg.pop("seed")  # the inline (smoke) pre-training seed
     out = Path(args.out) if args.out else MODELS_DIR / f"tiny-llama-{cfg['context']}"
-    t0 = time.perf_counter()
-    model, log = pretrain(**cfg, progress=True)
-    ids, start, _ = passkey_batch(corpus("heldout", cfg["heldout_fraction"]), cfg["context"], [0.1, 0.5, 0.9], 10,
-                                  seed=12345)
-    acc = float(passkey_correct(model, ids, start).mean())
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True)
-    k = max(1, len(log["loss"]) // 20)
-    every = lambda xs: [round(float(np.mean(xs[i:i + k])), 4) for i in range(0, len(xs), k)]  # noqa: E731
-    info = {"pretrain": cfg, "passkey_acc_in_length": acc, f"loss_every_{k}_steps": every(log["loss"]),
-            f"answer_loss_every_{k}_steps": every(log["answer_loss"]),
-            "tokenizer": "bytes of whitespace-normalised ASCII text (reprolab.lm.tiny_llama.encode)"}
-    (staging / "pretrain.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    for seed in seeds:  # each checkpoint starts from torch.manual_seed(seed): independent of the others and the order
+        t0 = time.perf_counter()
+        acc = pretrain_checkpoint(cfg, seed, staging / f"seed{seed}")
+        print(f"seed {seed}: {time.perf_counter() - t0:.0f} s, in-length passkey accuracy {acc:.2f}")
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
-    print(f"wrote {out} in {time.perf_counter() - t0:.0f} s: in-length passkey accuracy {acc:.2f}")
+    print(f"wrote {out}")
     return out
 
 

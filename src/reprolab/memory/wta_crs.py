@@ -22,6 +22,7 @@ their indices: that is the activation-memory saving. The input gradient dX = dY 
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -259,6 +260,19 @@ def variance_by_layer(io: dict[str, tuple], keep_ratios) -> dict[str, dict[str, 
                      "winners": [deterministic_size(p, k) for k in ks],
                      "grad_sq_norm": float((g.double().T @ x.double()).pow(2).sum())}
     return out
+
+
+def layer_pass_fraction(ratios, nonzero_rows, k: int, threshold: float) -> tuple[float, int]:
+    """(fraction of layers whose WTA-CRS / CRS variance ratio is <= ``threshold``, number of trivial layers) at one probe.
+
+    A layer whose output gradient has at most ``k`` non-zero rows is trivial: every pair with non-zero probability is a
+    winner, so WTA-CRS has zero variance whatever the norms (in BERT's last block the pooler reads only the [CLS] rows).
+    Trivial layers are left out of the denominator; with no non-trivial layer the fraction is 0.
+    """
+    r = np.asarray(ratios, dtype=float)  # (layers,)
+    nontrivial = np.asarray(nonzero_rows) > k  # (layers,)
+    frac = float((r[nontrivial] <= threshold).mean()) if nontrivial.any() else 0.0
+    return frac, int((~nontrivial).sum())
 
 
 def finetune_classifier(model: nn.Module, train: dict, test: dict, *, epochs: int, batch_size: int, lr: float,

@@ -162,11 +162,16 @@ def first_layer_inputs(pm) -> torch.Tensor:
     return base.layers[0].input_layernorm(base.embed_tokens.weight).float()
 
 
+def layer0_rows(grads: dict, layer_key: str = "layers.0.") -> torch.Tensor:
+    """The rows the filter reads: layer 0's LoRA-A matrices (of q/k/v) stacked, (3r, d)."""
+    return torch.cat([g for n, g in grads.items() if layer_key in n and "lora_A" in n])
+
+
 def filter_tokens(grads: dict, X: torch.Tensor, tau: float, layer_key: str = "layers.0.") -> tuple[torch.Tensor, torch.Tensor]:
     """Filter-based token extraction: stack the rows of every layer-0 dL/dA (they lie in span{x_t : t in batch}),
     score every vocabulary token by its relative residual outside that row space and keep those <= tau.
     Returns (kept token ids, scores (V,))."""
-    G = torch.cat([g for n, g in grads.items() if layer_key in n and "lora_A" in n])  # (3r, d)
+    G = layer0_rows(grads, layer_key)  # (3r, d)
     scores = span_filter_scores(G, X)
     return torch.nonzero(scores <= tau).flatten(), scores
 
@@ -367,23 +372,28 @@ def decode_inverted(tok, ids: torch.Tensor, digits: int) -> list[dict]:
 # The victim's update as a federated PEFT client sends it (added after the review of issue 14): local Adam steps on
 # its own batch, from the distributed adapter; the server (the attacker) receives the difference of the adapters.
 # ---------------------------------------------------------------------------------------------------------------
-def victim_update(pm, batch: tuple, steps: list[int], lr: float, betas=(0.9, 0.999), eps: float = 1e-8) -> dict:
+def victim_update(pm, batch: tuple, steps: list[int], lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
+                  with_first_grad: bool = False):
     """A FedAvg-style client update: ``max(steps)`` local Adam steps (torch.optim.Adam, learning rate ``lr``, no weight
     decay) on the mean token loss of the victim's ``batch`` = (input_ids, attention_mask, labels) (see
     :func:`lm_batch`), starting from the distributed adapter theta_0. Returns {k: g_eq} for every k in ``steps``, with
     g_eq = theta_0 - theta_k per LoRA matrix: the update the server receives, written as a gradient-equivalent
     difference (theta_k = theta_0 - 1 * g_eq, i.e. ``gradient_applied(pm, g_eq, 1.0)`` is the victim's model).
     One Adam step moves every weight by ~lr * sign(g) (Adam's first update); further steps follow the local loss.
-    The adapter is restored to theta_0 afterwards."""
+    The adapter is restored to theta_0 afterwards. ``with_first_grad``: also return the gradient of step 1 (the
+    gradient at theta_0, what gradient sharing's first round sends; = :func:`lora_gradient` of the batch) as
+    ``(g0, {k: g_eq})``, which saves a separate forward/backward pass."""
     ids, mask, labels = batch
     params = lora_params(pm)
     saved = {n: p.detach().clone() for n, p in params.items()}
     opt = torch.optim.Adam(list(params.values()), lr=lr, betas=betas, eps=eps, weight_decay=0.0)
-    out, want = {}, set(steps)
+    out, want, g0 = {}, set(steps), None
     try:
         for k in range(1, max(steps) + 1):
             opt.zero_grad(set_to_none=True)
             pm(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+            if k == 1 and with_first_grad:
+                g0 = {n: p.grad.detach().clone() for n, p in params.items()}
             opt.step()
             if k in want:
                 out[k] = {n: (saved[n] - p.detach()).clone() for n, p in params.items()}
@@ -392,4 +402,25 @@ def victim_update(pm, batch: tuple, steps: list[int], lr: float, betas=(0.9, 0.9
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(saved[n])
-    return out
+    return (g0, out) if with_first_grad else out
+
+
+def input_span_residual(G: torch.Tensor, Xin: torch.Tensor, rel_tol: float = 1e-6) -> float:
+    """The premise of span-based extraction, measured with the ground truth (not the filter's output): the relative
+    Frobenius residual ||G - G P||_F / ||G||_F of the observed rows G (m, d) after projection P on the row space of
+    the batch's own first-layer inputs Xin (n, d). ~0 when the observation is a linear image of the private inputs
+    (a LoRA-A gradient: rows in span{x_t}); near the random-subspace value when it no longer carries them."""
+    Q = span_basis(Xin, rel_tol)  # (k, d) orthonormal
+    Gd = G.double()
+    return float((Gd - (Gd @ Q.T) @ Q).norm() / Gd.norm().clamp_min(1e-300))
+
+
+def digit_chance(digits: int, n_candidates: int, p: float = 0.1) -> float:
+    """Chance level of :func:`digit_accuracy`: E[max over n_candidates random phones of the share of positions
+    matching the true one] = E[max of n iid Binomial(digits, p)] / digits (random digits: p = 1/10), exactly:
+    sum_{j>=1} P(max >= j) = sum_j (1 - F(j - 1)^n) with F the Binomial CDF."""
+    from math import comb
+
+    pmf = [comb(digits, j) * p ** j * (1 - p) ** (digits - j) for j in range(digits + 1)]
+    cdf = np.cumsum(pmf)
+    return float(sum(1.0 - cdf[j - 1] ** n_candidates for j in range(1, digits + 1)) / digits)

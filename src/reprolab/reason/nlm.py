@@ -187,9 +187,12 @@ class NLM(nn.Module):
         self.support_sizes = []
 
     def _consumed(self, layer_i: int, alphas: list) -> list:
-        """The gates of a layer whose outputs something reads (the last layer: only arities with a head)."""
+        """The gates of a layer whose outputs something reads (the last layer: only arities with a head). Their
+        (layer, arity) are appended to ``self.alpha_meta`` (reset by each forward) for :func:`hoyer_official`."""
         last = layer_i == len(self.layers) - 1
-        return [x for r, x in enumerate(alphas) if x is not None and (not last or self.out_dims[r])]
+        keep = [(r, x) for r, x in enumerate(alphas) if x is not None and (not last or self.out_dims[r])]
+        self.alpha_meta = getattr(self, "alpha_meta", []) + [(layer_i, r) for r, _ in keep]
+        return [x for _, x in keep]
 
     def consumed_nnz(self, tau: float = 0.0) -> int:
         """Hyperedges (arity >= 2) of the intermediate layers (each is read by the next layer) held in the last sparse
@@ -205,6 +208,7 @@ class NLM(nn.Module):
 
     def forward_dense(self, F0: list[torch.Tensor], n: int):
         F, alphas = F0, []
+        self.alpha_meta = []
         for i, layer in enumerate(self.layers):
             out, a = layer.forward_dense(F, n)
             alphas += self._consumed(i, a)
@@ -216,6 +220,7 @@ class NLM(nn.Module):
         below it are dropped (SpaLoc sparsifies intermediate predicates; the last layer's outputs are the candidate
         tuples that the heads score, so they are kept)."""
         S, base, alphas = S0, S0, []  # base: the input predicates on the current supports (residual)
+        self.alpha_meta = []
         plan = {} if plan is None else plan
         self.support_sizes = []
         for i, layer in enumerate(self.layers):
@@ -244,6 +249,24 @@ def hoyer(alphas: list[torch.Tensor]) -> torch.Tensor:
     """Mean normalised Hoyer measure ||a||_1 / (sqrt(m) ||a||_2) of the importance gates (1 = dense, -> 0 sparse)."""
     vals = [a.reshape(-1).sum() / (math.sqrt(a.numel()) * a.reshape(-1).norm() + 1e-8) for a in alphas if a.numel()]
     return torch.stack(vals).mean() if vals else torch.zeros(())
+
+
+def hoyer_official(alphas: list[torch.Tensor], meta: list[tuple[int, int]], n: int, depth: int,
+                   breadth: int) -> torch.Tensor:
+    """The official SpaLoc sparsity loss (default ``--nlm-sparse-loss hoyer_square``, learn_graph_tasks.py:98-102):
+    per gate tensor (layer d, arity r) HS = (sum a)^2 / sum a^2 (difflogic/nn/neural_logic/modules/sparse_tensor.py:236-240; 1 when it holds <= 1
+    entry; a = the importances, >= 0), weighted by the multiplier m = n for layers d < depth - 1 with r != breadth and
+    1 otherwise (sparse_nlm.py:368-371), normalised by the weighted space sizes n^r:
+    sum m HS / (1e-6 + sum m n^r) (learn_graph_tasks.py:738-750). ``meta`` = (layer, arity) of each gate tensor
+    (:attr:`NLM.alpha_meta`)."""
+    num, den = torch.zeros(()), 1e-6
+    for a, (d, r) in zip(alphas, meta):
+        v = a.reshape(-1)
+        hs = torch.ones(()) if v.numel() <= 1 else v.sum() ** 2 / (v ** 2).sum()
+        m = 1 if (d == depth - 1 or r == breadth) else n
+        num = num + m * hs
+        den += m * n ** r
+    return num / den
 
 
 def sparse_from_dense(F: list[torch.Tensor], supports: list[torch.Tensor | None], n: int) -> list:

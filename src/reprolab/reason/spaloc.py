@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as Fnn
 
 from .family import TARGETS, FamilyTree, family_relations, hop_distances
-from .nlm import NLM, hoyer, tuple_keys
+from .nlm import NLM, hoyer, hoyer_official, tuple_keys
 
 IN_DIMS = [0, 1, 1, 0]  # arity 0: none, 1: male, 2: parent(x, y), 3: none
 OUT_DIMS = [0, 0, len(TARGETS), 0]
@@ -195,9 +195,18 @@ def dense_consumed_nnz(model: NLM, n: int) -> int:
     return sum(n ** r for _ in range(depth - 1) for r in range(2, B + 1))
 
 
+def sparsity_loss(model: NLM, alphas: list, n: int, form: str = "official") -> torch.Tensor:
+    """The Hoyer sparsity loss on the gates of the last forward: ``official`` = SpaLoc's hoyer_square / space size,
+    weighted by n (:func:`reprolab.reason.nlm.hoyer_official`); ``mean_l1l2`` = our earlier mean of the normalised
+    Hoyer measure ||a||_1 / (sqrt(m) ||a||_2) over gate tensors (:func:`reprolab.reason.nlm.hoyer`)."""
+    if form == "official":
+        return hoyer_official(alphas, model.alpha_meta, n, len(model.layers), len(model.out_dims) - 1)
+    return hoyer(alphas)
+
+
 def train(model: NLM, examples, sparse: bool, k_hop: int, steps: int, lr: float, hoyer_weight: float,
-          rng: np.random.Generator):
-    """Adam on BCE over the supported pairs (all pairs for the dense model) + hoyer_weight * Hoyer(gates)."""
+          rng: np.random.Generator, hoyer_form: str = "official"):
+    """Adam on BCE over the supported pairs (all pairs for the dense model) + hoyer_weight * sparsity_loss(gates)."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     losses = []
     for step in range(steps):
@@ -212,7 +221,7 @@ def train(model: NLM, examples, sparse: bool, k_hop: int, steps: int, lr: float,
             idx, logits = heads[2]
             loss = Fnn.binary_cross_entropy_with_logits(logits, Yt[idx[:, 0], idx[:, 1]])
             if hoyer_weight:
-                loss = loss + hoyer_weight * hoyer(alphas)
+                loss = loss + hoyer_weight * sparsity_loss(model, alphas, n, hoyer_form)
         else:
             heads, _ = model.forward_dense(dense_inputs(male, P), n)
             loss = Fnn.binary_cross_entropy_with_logits(heads[2], Yt)

@@ -107,8 +107,11 @@ def sample_examples(train: np.ndarray, n: int, n_rel: int, n_sub: int, sub_size:
     return out
 
 
-def train(model: NLM, examples: list[dict], sparse: bool, k_hop: int, steps: int, lr: float, hoyer_weight: float):
-    """Adam on BCE over the supported pairs (all pairs for the dense model) + hoyer_weight * Hoyer(gates)."""
+def train(model: NLM, examples: list[dict], sparse: bool, k_hop: int, steps: int, lr: float, hoyer_weight: float,
+          hoyer_form: str = "official"):
+    """Adam on BCE over the supported pairs (all pairs for the dense model) + hoyer_weight * sparsity loss(gates)
+    (``hoyer_form``: see :func:`reprolab.reason.spaloc.sparsity_loss`)."""
+    from .spaloc import sparsity_loss
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     losses = []
     for step in range(steps):
@@ -122,7 +125,7 @@ def train(model: NLM, examples: list[dict], sparse: bool, k_hop: int, steps: int
             idx, logits = heads[2]
             loss = Fnn.binary_cross_entropy_with_logits(logits, Yt[idx[:, 0], idx[:, 1]])
             if hoyer_weight:
-                loss = loss + hoyer_weight * hoyer(alphas)
+                loss = loss + hoyer_weight * sparsity_loss(model, alphas, n, hoyer_form)
         else:
             heads, _ = model.forward_dense(dense_inputs(X), n)
             loss = Fnn.binary_cross_entropy_with_logits(heads[2], Yt)

@@ -2,9 +2,10 @@
 
 To fit a CPU budget the bottom ``n_layers - n_blocks`` decoder layers stay frozen and their outputs are computed
 once per distinct sequence (:func:`trunk_features`); every arm then trains a fresh copy of the top ``n_blocks``
-blocks and the final norm (:class:`TopBlocks`) with the tied LM head frozen. The SFT loss and max-loss use
-the response positions only (the prompt is masked, as with ``train_on_inputs=False``); UDS scores the logits of the
-whole sequence, as the official trainer does.
+blocks and the final norm (:class:`TopBlocks`) with the tied LM head frozen. The SFT loss (and max-loss's score)
+covers either the whole sequence (``loss_on="sequence"``: the official ``train_on_inputs=True``, labels = input_ids,
+gfyddha/UDS finetune.py:155, run_mmlu.sh:20) or the response positions only (``loss_on="response"``: the prompt is
+masked, as with ``train_on_inputs=False``); UDS scores the logits of the whole sequence, as the official trainer does.
 """
 from __future__ import annotations
 
@@ -82,26 +83,33 @@ class TopBlocks(nn.Module):
         """Logits at every position: (B, T_max, V), rows past a sequence's end exactly zero."""
         return self.sequence_hidden(feats) @ self.head.T
 
-    def response_logits(self, feats: list[torch.Tensor], examples: list[dict]):
-        """Logits at the response positions: (B, A, V) zero-padded, targets (B, A), mask (B, A)."""
+    def response_logits(self, feats: list[torch.Tensor], examples: list[dict], loss_on: str = "response"):
+        """Logits at the loss positions: (B, A, V) zero-padded, targets (B, A), mask (B, A).
+
+        ``loss_on="response"``: the response tokens only (the prompt masked); ``"sequence"``: every next-token
+        prediction of the sequence (tokens 1..T-1), as the official run (``train_on_inputs=True``, labels =
+        input_ids, shifted inside the Hugging Face loss)."""
+        if loss_on not in ("response", "sequence"):
+            raise ValueError(f"loss_on must be 'response' or 'sequence', not {loss_on!r}")
         T = max(f.shape[0] for f in feats)
         h = torch.stack([torch.cat([f, f.new_zeros(T - f.shape[0], f.shape[1])]) for f in feats])  # (B, T, d)
         hidden = self(h)  # (B, T, d)
-        A = max(len(ex["ids"]) - ex["n_prompt"] for ex in examples)
+        start = [1 if loss_on == "sequence" else ex["n_prompt"] for ex in examples]  # first target position
+        A = max(len(ex["ids"]) - s for ex, s in zip(examples, start))
         sel = hidden.new_zeros(len(examples), A, hidden.shape[-1])  # (B, A, d)
         targets = torch.zeros(len(examples), A, dtype=torch.long, device=h.device)
         mask = torch.zeros(len(examples), A, device=h.device)
-        for i, ex in enumerate(examples):
-            a = len(ex["ids"]) - ex["n_prompt"]
-            sel[i, :a] = hidden[i, ex["n_prompt"] - 1:len(ex["ids"]) - 1]  # position t predicts token t + 1
-            targets[i, :a] = torch.tensor(ex["ids"][ex["n_prompt"]:], device=h.device)
+        for i, (ex, s) in enumerate(zip(examples, start)):
+            a = len(ex["ids"]) - s
+            sel[i, :a] = hidden[i, s - 1:len(ex["ids"]) - 1]  # position t predicts token t + 1
+            targets[i, :a] = torch.tensor(ex["ids"][s:], device=h.device)
             mask[i, :a] = 1
         logits = (sel @ self.head.T) * mask[..., None]  # (B, A, V); padded rows are exactly zero
         return logits, targets, mask
 
 
 def per_example_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over each example's response tokens: (B,)."""
+    """Mean cross-entropy over each example's loss tokens (response, or whole sequence): (B,)."""
     nll = nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, A)
     return (nll * mask).sum(1) / mask.sum(1)
 
@@ -115,17 +123,20 @@ def length_grouped_order(lengths, batch_size: int, rng: np.random.RandomState, m
 
 
 def train_arm(model, feats: dict, pool: list[dict], selector, n_blocks: int, epochs: int, batch_size: int, k: int,
-              lr: float, seed: int, group_by_length: bool = True, progress=None):
+              lr: float, seed: int, group_by_length: bool = True, progress=None, loss_on: str = "response"):
     """Fine-tune a fresh :class:`TopBlocks` over ``epochs`` passes of candidate batches of ``batch_size`` (same order
     for every arm, from ``seed``), back-propagating the ``k`` examples picked by ``selector`` (all of them if None).
 
     With ``group_by_length`` the candidate batches hold examples of similar length (:func:`length_grouped_order`).
-    Returns (top, log) with the selected examples' tasks/noise flags, counted forward/backward tokens and wall time."""
+    ``loss_on`` ("response" | "sequence") sets the tokens of the SFT loss (a token mean over the back-propagated
+    examples, as the Hugging Face loss of the official trainer) and of max-loss's per-example score.
+    Returns (top, log) with the selected examples' tasks/noise flags, counted forward/backward tokens, the tokens of
+    all candidates (which every arm of a real run forwards through the frozen trunk) and wall time."""
     torch.manual_seed(seed)
     top = TopBlocks(model, n_blocks)
     opt = torch.optim.AdamW(top.parameters(), lr=lr, weight_decay=0.0)
     rng = np.random.RandomState(seed)
-    log = {"selected": [], "loss": [], "fwd_tokens": 0, "bwd_tokens": 0}
+    log = {"selected": [], "loss": [], "fwd_tokens": 0, "bwd_tokens": 0, "candidate_tokens": 0}
     t0 = time.perf_counter()
     lengths = [len(ex["ids"]) for ex in pool]
     for _ in range(epochs):
@@ -133,6 +144,7 @@ def train_arm(model, feats: dict, pool: list[dict], selector, n_blocks: int, epo
         for b in range(0, len(order) - batch_size + 1, batch_size):
             batch = [pool[i] for i in order[b:b + batch_size]]
             f = [feats[ex["key"]] for ex in batch]
+            log["candidate_tokens"] += sum(len(ex["ids"]) for ex in batch)  # what a real run forwards through the trunk
             if selector is None:  # full data: every example of the batch
                 idx = torch.arange(len(batch))
             elif selector.needs is None:
@@ -142,11 +154,11 @@ def train_arm(model, feats: dict, pool: list[dict], selector, n_blocks: int, epo
                     if selector.needs == "hidden":  # UDS: scores of the logits hidden @ head.T, computed exactly
                         idx = selector.select_hidden(top.sequence_hidden(f), top.head, k)
                     else:
-                        logits, targets, mask = top.response_logits(f, batch)
+                        logits, targets, mask = top.response_logits(f, batch, loss_on)
                         idx = selector.select(logits, k, per_example_loss(logits, targets, mask))
                 log["fwd_tokens"] += sum(len(ex["ids"]) for ex in batch)
             chosen = [batch[i] for i in idx.tolist()]
-            logits, targets, mask = top.response_logits([f[i] for i in idx.tolist()], chosen)
+            logits, targets, mask = top.response_logits([f[i] for i in idx.tolist()], chosen, loss_on)
             nll = nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (k, A)
             loss = (nll * mask).sum() / mask.sum()
             opt.zero_grad(set_to_none=True)
