@@ -152,3 +152,71 @@ def test_training_the_prompt_lowers_loss_and_gap_closed(x):
     assert torch.equal(model.lm_head.weight, before)  # the model stays frozen
     assert gap_closed(10.0, 20.0, 15.0) == 0.5 and gap_closed(10.0, 20.0, 20.0) == 0.0
     assert math.isclose(gap_closed(10.0, 20.0, 8.0), 1.2)
+
+
+def test_in_distribution_block_is_disjoint_from_every_training_window():
+    """The premise gate and the in-distribution diagnostic score block I, the first eval_tokens of the training text's
+    held-out part (the notebook's ids_t[:, cut:cut + eval_tokens]); no training window (lm_batches over the first
+    1 - heldout_frac of the stream) may reach into it (checked by position, naively)."""
+    from reprolab.lm.offsite import lm_batches
+    T, heldout_frac, eval_tokens, seq_len = 1000, 0.1, 64, 32
+    stream = torch.arange(T).unsqueeze(0)  # (1, T): token id = position
+    cut = int(T * (1 - heldout_frac))
+    block = stream[:, cut:cut + eval_tokens]  # (1, eval_tokens), as in the notebook
+    assert block.shape[1] == eval_tokens and int(block[0, 0]) == cut  # starts right after the training part
+    tail = set(block[0].tolist())
+    assert eval_tokens <= T - cut
+    for seed in range(5):
+        for b in lm_batches(stream[:, :cut], seq_len, 4, 50, seed=seed):  # (B, L) windows of positions
+            assert not (set(b.flatten().tolist()) & tail)
+            assert int(b.max()) < cut
+
+
+def test_premise_gate_statistic_is_the_loss_ratio_of_trained_to_initial_prompt(x):
+    """The gate compares held-out perplexities of the trained and the initial prompt; its ratio < 1 exactly when
+    the trained prompt's mean held-out NLL (an explicit per-token loop here) is lower."""
+    from reprolab.lm import perplexity
+    model = tiny_llama()
+    P0 = init_prompt_from_tokens(model, x[0, :3])
+    lm = SoftPromptLM(model, P0)
+    train_soft_prompt(lm, [x] * 30, lr=5e-2)
+    held = torch.randint(0, V, (1, 40), generator=torch.Generator().manual_seed(7))  # (1, T) held-out stream
+
+    def naive_nll(P):  # mean next-token NLL over windows of 10, one position at a time
+        m, tot, n = SoftPromptLM(model, P), 0.0, 0
+        for w in range(4):
+            win = held[:, 10 * w:10 * (w + 1)]
+            logp = torch.log_softmax(m(win).logits[0].double(), -1)  # (L, V)
+            for t in range(9):
+                tot -= float(logp[t, win[0, t + 1]])
+                n += 1
+        return tot / n
+    r = perplexity(SoftPromptLM(model, lm.P.detach()), held, 10) / perplexity(SoftPromptLM(model, P0), held, 10)
+    assert r == pytest.approx(math.exp(naive_nll(lm.P.detach()) - naive_nll(P0)), rel=1e-5)
+
+
+def test_on_step_callback_sees_every_step_and_leaves_training_unchanged(x):
+    """The mid-training held-out diagnostic uses train_soft_prompt's on_step hook: it is called after each of the n
+    steps (1-based), the prompt it sees at step s equals that of a run stopped after s steps, and scoring inside the
+    hook (no_grad perplexity) does not change the losses or the final prompt."""
+    from reprolab.lm import perplexity
+    model = tiny_llama()
+    P0 = init_prompt_from_tokens(model, x[0, :3])
+    ref = SoftPromptLM(model, P0)
+    ref_losses = train_soft_prompt(ref, [x] * 6, lr=5e-2)
+    short = SoftPromptLM(model, P0)
+    train_soft_prompt(short, [x] * 3, lr=5e-2)  # an independent run stopped after 3 steps
+    lm, seen, at3 = SoftPromptLM(model, P0), [], {}
+
+    def hook(step):
+        seen.append(step)
+        if step == 3:
+            at3["P"] = lm.P.detach().clone()
+            with torch.no_grad():
+                at3["ppl"] = perplexity(lm, x, 8)
+    losses = train_soft_prompt(lm, [x] * 6, lr=5e-2, on_step=hook)
+    assert seen == [1, 2, 3, 4, 5, 6]
+    assert losses == ref_losses and torch.equal(lm.P, ref.P)
+    assert torch.equal(at3["P"], short.P)
+    with torch.no_grad():
+        assert at3["ppl"] == perplexity(short, x, 8)

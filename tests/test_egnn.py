@@ -110,3 +110,48 @@ def test_targets_are_misclassified_validation_nodes():
     T = select_targets(gnn, g, X, y, val, 10, seed=0)
     assert len(T) == min(10, int((pred[val] != y[val]).sum()))
     assert all(int(t) in set(val.tolist()) and int(pred[t]) != int(y[t]) for t in T)
+
+
+def test_egnn_edit_against_the_official_single_edit_loop():
+    """Reference: the official loop transcribed (henryzhongsc/gnn_editing pipelines/seed_gnn/utils.py:133-166,
+    single_edit: each step computes the logits, the CE loss and y_pred, then steps Adam, then checks y_pred, i.e. the
+    prediction from BEFORE that step), on a plain copy of the MLP with logits = cached GNN row + MLP(x), dropout off.
+    edit_gd follows the same rule: same step count, same success, same weights at the end; also with a step cap
+    that cuts the loop at the flip (a flip made by the last allowed step is a failure)."""
+    import copy
+
+    import torch.nn.functional as F
+
+    g, X, y = problem(seed=2)
+    torch.manual_seed(0)
+    gnn = GCN(5, 8, 3)
+    split = stratified_split(y, (0.5, 0.25, 0.25), 0)
+    train_full_batch(gnn, g, X, y, split, epochs=20, lr=0.01)
+    st = StitchedGNN(gnn, MLP(5, 8, 3), g, X)
+    with torch.no_grad():
+        pred = st(g, X).argmax(-1)
+        gnn_row = gnn.eval()(g, X)
+    wrong = torch.nonzero(pred != y).squeeze(1)
+    assert len(wrong) > 0
+    for t in wrong[:3].tolist():
+        edited, ok, steps = edit_gd(st, g, X, t, int(y[t]), lr=0.01, max_steps=300, stitched=True)
+        assert ok and steps >= 1
+        mlp = copy.deepcopy(st.mlp).eval()
+        opt = torch.optim.Adam(mlp.parameters(), lr=0.01)
+        success = False
+        for step in range(1, 301):
+            opt.zero_grad()
+            out = gnn_row[t:t + 1] + mlp(None, X[t:t + 1])
+            loss = F.cross_entropy(out, y[t:t + 1])
+            y_pred = out.argmax(dim=-1)
+            loss.backward()
+            opt.step()
+            success = bool(y_pred == y[t])
+            if success:
+                break
+        assert success and step == steps and steps >= 2
+        for a, b in zip(edited.mlp.parameters(), mlp.parameters()):
+            assert torch.allclose(a, b, atol=1e-6)
+        # cap = steps - 1: the flip happens on the last allowed step, its prediction is never checked -> failure
+        _, ok_cap, steps_cap = edit_gd(st, g, X, t, int(y[t]), lr=0.01, max_steps=steps - 1, stitched=True)
+        assert not ok_cap and steps_cap == steps - 1

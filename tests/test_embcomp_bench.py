@@ -97,3 +97,38 @@ def test_tunable_methods_hit_the_budget_within_5_percent():
             t = make_table(m, d, 16, r, cfg)
             assert abs(t.nbytes() / (full / r) - 1) <= 0.05, (m, r, t.nbytes() / (full / r))
     assert make_table("qr", d, 16, 1000, cfg) is None, "QR needs 2 sqrt(N) rows: infeasible at 1000x here"
+
+
+def test_qat_forward_is_the_deployed_quantized_row_and_gradient_is_straight_through():
+    """Reference: a naive loop over rows and entries of the row-wise absmax formula (code = round(w / s) clipped to
+    +-q_max, s = max|w_row| / q_max); the STE gradient of a lookup is the upstream gradient scattered to the rows."""
+    from reprolab.embed.tables import QATEmbedding
+
+    emb = QATEmbedding(50, 6, bits=4, seed=1, init_scale=0.5)
+    x = torch.tensor([[3, 7, 3], [49, 0, 7]])
+    out = emb(x)
+    w = emb.weight.detach()
+    for i in range(2):
+        for j in range(3):
+            row = w[int(x[i, j])].tolist()
+            s = max(abs(v) for v in row) / 7
+            for k in range(6):
+                assert abs(out[i, j, k].item() - max(-7, min(7, round(row[k] / s))) * s) < 1e-6
+    torch.testing.assert_close(out, emb.export()(x), rtol=0, atol=0)
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
+    ref = torch.zeros(50, 6)
+    for i in range(2):
+        for j in range(3):
+            ref[int(x[i, j])] += g[i, j]
+    torch.testing.assert_close(emb.weight.grad, ref)
+    assert emb.nbytes() == 50 * 6 * 4 // 8 + 50 * 4 == emb.export().nbytes()
+
+
+def test_qat_takes_the_widest_bits_that_fit():
+    d = zipf_ctr_stream(2000, n_fields=2, ids_per_field=5000, seed=0)
+    full = d.n_features * 16 * 4
+    bits = {r: getattr(make_table("qat", d, 16, r, {}), "bits", None) for r in (2, 4, 8, 100)}
+    assert bits == {2: 8, 4: 4, 8: 2, 100: None}
+    for r in (2, 4, 8):
+        assert make_table("qat", d, 16, r, {}).nbytes() <= full / r

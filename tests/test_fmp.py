@@ -234,3 +234,48 @@ def test_notebook_has_parameters_cell():
     nb = json.loads((REPO_ROOT / "notebooks" / "fmp.ipynb").read_text())
     tagged = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(tagged) == 1 and 'paper: str = "fmp"' in "".join(tagged[0]["source"])
+
+
+@pytest.mark.parametrize("scale", [0.05, 3.0])
+def test_step_bound_holds_and_is_tight_for_small_logits(scale):
+    """One FMP step (K = 1) against the dense reference: the change of every node's logit difference caused by the
+    bias-mitigation step is <= the traced step_bound (binary softmax Jacobian p(1-p) <= 1/4), nearly attained when the
+    logits are small (p ~ 1/2), and for balanced groups the bound is ~ proj x gap / 2 (the closed form)."""
+    g, A_hat, _, _, _ = small_problem(n=40, C=2, seed=3)
+    n = 40
+    sens = torch.tensor([0, 1] * (n // 2))  # balanced groups, s on all nodes
+    s = sensitive_incident_vector(sens)
+    H = scale * (torch.randn(n, 2, generator=torch.Generator().manual_seed(1))
+                 + torch.stack([torch.zeros(n), 1.5 * sens - 0.75], 1))
+    lam1, lam2 = 5.0, 3.0
+    trace = []
+    fair = FMPConv(K=1, lambda1=lam1, lambda2=lam2)(g, H, s, trace=trace)
+    assert torch.allclose(fair, dense_fmp(A_hat, H, s, 1, lam1, lam2, "l2sq", "dual"))  # trace changes nothing
+    plain = dense_fmp(A_hat, H, s, 1, 0.0, lam2, "l2sq", "dual")
+    shift = ((fair[:, 1] - fair[:, 0]) - (plain[:, 1] - plain[:, 0])).abs()
+    bound = trace[0]["step_bound"]
+    assert float(shift.max()) <= bound * (1 + 1e-9)
+    gamma, beta = 1 / (1 + lam2), (1 + lam2) / 2
+    proj = 2 * lam1 / (2 * lam1 + beta)
+    assert trace[0]["proj_factor"] == pytest.approx(proj)
+    gap = float((s @ torch.softmax(gamma * H + (1 - gamma) * A_hat @ H, 1))[1])  # group gap of Y before the step
+    assert trace[0]["gap_Y"] == pytest.approx(abs(gap))
+    if scale < 1:
+        assert float(shift.max()) > 0.95 * bound  # tight: p(1-p) ~ 1/4
+        # closed form: z ~ proj (s p) / (gamma s s^T) (+ a beta-term of order 1/n), u_i = s_i z
+        assert bound == pytest.approx(proj * abs(gap) / 2, rel=0.1)
+
+
+def test_mitigation_shift_reports_the_flip_share_by_naive_count():
+    data = fair_csbm(n=300, seed=2)
+    g = data.graph_with_self_loops()
+    s = sensitive_incident_vector(data.sens)
+    H = torch.randn(300, 2, generator=torch.Generator().manual_seed(4)) * 0.3
+    nodes = torch.arange(0, 300, 3)
+    from reprolab.graph.fmp import mitigation_shift
+    out = mitigation_shift(g, H, s, nodes, K=5, lambda1=30.0, lambda2=3.0)
+    plain, fair = FMPConv(K=5, lambda1=0.0, lambda2=3.0)(g, H, s), FMPConv(K=5, lambda1=30.0, lambda2=3.0)(g, H, s)
+    flips = sum(int((plain[i, 1] > plain[i, 0]) != (fair[i, 1] > fair[i, 0])) for i in nodes.tolist())
+    assert out["flipped"] == pytest.approx(flips / len(nodes))
+    assert out["mean_abs_shift"] == pytest.approx(float(((fair - plain)[nodes, 1] - (fair - plain)[nodes, 0]).abs().mean()))
+    assert out["max_step_bound"] > 0 and out["proj_factor"] == pytest.approx(60 / (60 + 2))

@@ -126,3 +126,25 @@ def test_split_edges_and_metrics():
     Z = np.eye(4)[[0, 0, 1, 2]]
     assert ssl.link_auc(Z, np.array([[0], [1]]), np.array([[0], [2]])) == 1.0
     assert ssl.link_auc(Z, np.array([[0], [2]]), np.array([[0], [1]])) == 0.0
+
+
+@pytest.mark.parametrize("method", ["graphmae", "bgrl"])
+def test_pretrain_max_steps_equals_the_same_steps_run_uncapped(method):
+    """Equal-steps budget: a sampled run capped at k whole epochs' worth of steps is bit-identical to the uncapped run
+    of k epochs (independent reference: the plain epoch loop), and a cap inside an epoch stops exactly there."""
+    torch.set_num_threads(1)  # DGL's neighbour sampling is reproducible under dgl.seed with one OpenMP thread
+    d = load_graph("powerlaw", 0, n=80, d=6, mean_degree=4.0)
+    per_epoch = math.ceil(80 / CFG["batch_size"])
+    runs = []
+    for cfg, cap in ((dict(CFG, epochs=1), None), (dict(CFG, epochs=5), per_epoch)):
+        torch.manual_seed(0)
+        dgl.seed(3)
+        model = ssl.make_method(method, 6, cfg)
+        out = ssl.pretrain(model, d.graph, d.X, "sampled", cfg, seed=0, max_steps=cap)
+        runs.append((out, [p.detach().clone() for p in model.encoder.parameters()]))
+    assert runs[0][0]["steps"] == runs[1][0]["steps"] == per_epoch
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+    torch.manual_seed(0)
+    out = ssl.pretrain(ssl.make_method(method, 6, CFG), d.graph, d.X, "sampled", dict(CFG, epochs=5), seed=0,
+                       max_steps=per_epoch + 1)
+    assert out["steps"] == per_epoch + 1

@@ -6,8 +6,8 @@ import torch.nn.functional as Fn
 
 from reprolab.data import MOBILENET_V2_WEIGHTS
 from reprolab.explain.leta import (Encoder, GenericExplainer, integrated_gradients_attribution, leta_attribution,
-                                   load_mobilenet_v2, minmax, neighbourhood_masks, saliency_attribution,
-                                   train_explainer)
+                                   load_mobilenet_v2, minmax, neighbourhood_masks, rise_embeddings, rise_from_scores,
+                                   rise_masks, saliency_attribution, train_explainer)
 from reprolab.explain.metrics import auc, deletion_insertion_curves, patch_order
 from reprolab.paths import MODELS_DIR
 
@@ -173,3 +173,78 @@ def test_integrated_gradients_completeness_and_patch_sums(mobilenet):
     sums = torch.stack([torch.stack([ig[i, :, 8 * r:8 * r + 8, 8 * c:8 * c + 8].sum() for r in range(4) for c in range(4)])
                         for i in range(2)]).view(2, 4, 4)
     torch.testing.assert_close(a, minmax(sums), rtol=1e-4, atol=1e-5)
+
+
+class _LinearEncoder(torch.nn.Module):
+    """A linear 'encoder' z = A vec(x): every attribution below has a closed form for it."""
+
+    def __init__(self, C, H, W, d, seed=0):
+        super().__init__()
+        self.A = torch.randn(d, C * H * W, generator=torch.Generator().manual_seed(seed))
+
+    def forward(self, x):
+        return x.flatten(1) @ self.A.T
+
+
+def test_integrated_gradients_closed_form_for_a_linear_model():
+    """For a linear logit (W A vec(x) + b), IG from the black image is exactly x * (A^T w_c) (Sundararajan et al.,
+    eq. 1 with a constant gradient), for any number of steps; patch scores are its signed patch sums, min-max."""
+    torch.manual_seed(0)
+    enc = _LinearEncoder(3, 8, 8, 5)
+    W, b = torch.randn(4, 5), torch.randn(4)
+    x = torch.rand(3, 3, 8, 8)
+    cls = torch.tensor([0, 2, 3])
+    a, ig = integrated_gradients_attribution(enc, W, b, x, cls, grid=2, steps=3, return_raw=True)
+    exact = x * (W[cls] @ enc.A).view(3, 3, 8, 8)
+    assert torch.allclose(ig, exact, atol=1e-5)
+    patch = exact.sum(1).view(3, 2, 4, 2, 4).sum((2, 4))  # (B, 2, 2) signed sums per 4x4 patch
+    assert torch.allclose(a, minmax(patch), atol=1e-5)
+
+
+def test_rise_is_the_conditional_expectation_over_all_masks():
+    """RISE with the 2^P masks enumerated and p_keep = 1/2: S_p = E[f | patch p kept]; for an additive score
+    f(M) = sum_q w_q M_q that is w_p + (1/2) sum_{q != p} w_q exactly."""
+    grid, P = 2, 4
+    masks = torch.tensor([[(m >> q) & 1 for q in range(P)] for m in range(2 ** P)], dtype=torch.float32)
+    masks = masks.view(-1, grid, grid)
+    w = torch.tensor([[0.3, -1.0, 2.0, 0.5], [1.0, 1.0, 0.0, -0.2]])  # two images
+    scores = masks.flatten(1) @ w.T  # (N, B)
+    _, raw = rise_from_scores(scores.T, masks, 0.5, return_raw=True)
+    exact = w + 0.5 * (w.sum(1, keepdim=True) - w)
+    assert torch.allclose(raw.flatten(1), exact, atol=1e-6)
+    m = rise_masks(2000, 3, 0.3, torch.Generator().manual_seed(0))
+    assert set(m.unique().tolist()) == {0.0, 1.0} and abs(float(m.mean()) - 0.3) < 0.02
+
+
+def test_rise_embeddings_are_the_masked_images_embeddings():
+    enc = _LinearEncoder(3, 8, 8, 5, seed=1)
+    x = torch.rand(2, 3, 8, 8)
+    masks = rise_masks(3, 2, 0.5, torch.Generator().manual_seed(0))
+    Z = rise_embeddings(enc, x, masks, batch=4)
+    for bi in range(2):
+        for n in range(3):
+            up = masks[n].repeat_interleave(4, 0).repeat_interleave(4, 1)  # (8, 8)
+            assert torch.allclose(Z[bi, n], enc(x[bi:bi + 1] * up)[0], atol=1e-5)
+
+
+def test_shared_evaluate_equals_per_method_curves():
+    """leta_exp.evaluate (each distinct masked image embedded once) gives the curves of
+    metrics.deletion_insertion_curves run method by method."""
+    from reprolab.explain.leta_exp import evaluate
+    torch.manual_seed(0)
+    enc = _LinearEncoder(3, 12, 12, 6, seed=2)
+    heads = {"a": (torch.randn(3, 6), torch.randn(3)), "b": (torch.randn(2, 6), torch.randn(2))}
+    x = torch.rand(4, 3, 12, 12)
+    cls = {"a": torch.tensor([0, 1, 2, 0]), "b": torch.tensor([1, 0, 1, 1])}
+    rnd = torch.rand(4, 3, 3)
+    attributions = {t: {"m1": torch.rand(4, 3, 3), "random": rnd} for t in heads}
+    out = evaluate(enc, heads, attributions, x, cls, grid=3, steps=4, batch=7)
+    assert out.pop("_n_encoder_passes") < 2 * 2 * 2 * 4 * 5  # endpoints and the shared random ranking deduplicated
+    for t, (W, b) in heads.items():
+        def score(imgs, idx, W=W, b=b, c=cls[t]):
+            return torch.softmax(enc(imgs) @ W.T + b, 1).gather(1, c[idx][:, None])[:, 0]
+        for m, attr in attributions[t].items():
+            d, i = deletion_insertion_curves(score, x, patch_order(attr), 3, 4)
+            assert abs(out[(t, m)]["deletion_auc"] - float(auc(d).mean())) < 1e-5
+            assert abs(out[(t, m)]["insertion_auc"] - float(auc(i).mean())) < 1e-5
+            assert np.allclose(out[(t, m)]["score_per_image"], (auc(i) - auc(d)).tolist(), atol=1e-5)

@@ -189,3 +189,106 @@ def test_module_split_groups_by_module(pkg):
     q = cg.index()
     assert where[q["pkg.sub.a.Runner.run"]] == where[q["pkg.sub.a"]] == where[q["pkg.sub.a.compute"]]
     assert where[q["pkg.sub.b.Widget.__init__"]] == where[q["pkg.sub.b"]]
+
+
+def test_link_infonce_loss_matches_naive_softmax():
+    """GraphStorm's contrastive loss (loss_func.py:808-880) with in-batch negatives, against a naive loop."""
+    g = torch.Generator().manual_seed(1)
+    a, b = F.normalize(torch.randn(6, 4, generator=g), dim=-1), F.normalize(torch.randn(6, 4, generator=g), dim=-1)
+    tau = 0.05
+    ref = 0.0
+    for i in range(6):
+        scores = [float(a[i] @ b[j]) / tau for j in range(6)]
+        ref += -(scores[i] - np.log(np.sum(np.exp(scores)))) / 6
+    assert float(lm_gnn.link_infonce_loss(a, b, tau)) == pytest.approx(ref, rel=1e-5)
+
+
+def test_inbatch_false_negatives_and_masked_infonce_match_a_naive_loop():
+    """Masked in-batch InfoNCE against a naive per-row loop that keeps only the valid negatives of each row: not the
+    row's own target again, not the source itself, not a known edge (either direction given in ``known``)."""
+    src = np.array([0, 1, 2, 3, 4, 5, 1])
+    dst = np.array([7, 7, 8, 0, 9, 8, 2])  # rows 0/1 and 2/5 share a target; dst of row 3 is source of row 0
+    known = {(0, 8), (8, 0), (4, 7), (7, 4), (1, 2), (2, 1)}  # (0, 8), (4, 7) are in-batch false negatives
+    B = len(src)
+    g = torch.Generator().manual_seed(3)
+    a, b = F.normalize(torch.randn(B, 5, generator=g), dim=-1), F.normalize(torch.randn(B, 5, generator=g), dim=-1)
+    tau = 0.1
+    ref_mask = np.zeros((B, B), dtype=bool)
+    ref = 0.0
+    for i in range(B):
+        keep = [i]
+        for j in range(B):
+            if j == i:
+                continue
+            bad = dst[j] == dst[i] or dst[j] == src[i] or (int(src[i]), int(dst[j])) in known
+            ref_mask[i, j] = bad
+            if not bad:
+                keep.append(j)
+        scores = np.array([float(a[i] @ b[j]) / tau for j in keep])
+        ref += -(scores[0] - np.log(np.exp(scores).sum())) / B
+    mask = lm_gnn.inbatch_false_negatives(src, dst, known)
+    assert np.array_equal(mask, ref_mask)
+    assert mask[0, 1] and mask[1, 0] and mask[2, 5] and mask[0, 2] and mask[4, 0] and mask[0, 3] and mask[1, 6]
+    assert not mask.diagonal().any()
+    assert float(lm_gnn.link_infonce_loss(a, b, tau, mask)) == pytest.approx(ref, rel=1e-5)
+    # without known edges only duplicates and self-pairs are masked; with no mask the plain loss
+    assert not lm_gnn.inbatch_false_negatives(src, dst)[0, 2]
+    assert float(lm_gnn.link_infonce_loss(a, b, tau, None)) == pytest.approx(
+        float(lm_gnn.link_infonce_loss(a, b, tau, np.zeros((B, B), dtype=bool))), rel=1e-6)
+
+
+class _WordTokenizer:
+    """A stand-in tokenizer: [CLS] words [SEP], right padding, ids from a fixed vocabulary."""
+
+    def __init__(self, vocab):
+        self.vocab = {w: i + 3 for i, w in enumerate(vocab)}
+
+    def __call__(self, texts, padding=True, truncation=True, max_length=16, return_tensors="pt"):
+        rows = [[1] + [self.vocab[w] for w in t.split()][:max_length - 2] + [2] for t in texts]
+        T = max_length if padding == "max_length" else max(len(r) for r in rows)
+        ids = torch.zeros(len(rows), T, dtype=torch.int64)
+        mask = torch.zeros(len(rows), T, dtype=torch.int64)
+        for k, r in enumerate(rows):
+            ids[k, :len(r)], mask[k, :len(r)] = torch.tensor(r), 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.fixture()
+def tiny_bert():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    words = "alpha beta gamma delta graph node edge text model layer".split()
+    cfg = BertConfig(vocab_size=len(words) + 3, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=32)
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(words, rng.integers(1, 9))) for _ in range(11)]
+    return BertModel(cfg).eval(), _WordTokenizer(words), texts
+
+
+@pytest.mark.parametrize("ft_layers", [1, 2, 3])
+def test_node_encoder_cached_top_layers_equal_the_full_forward(tiny_bert, ft_layers):
+    """The cached lower layers + top layers give the embeddings of the full HF forward (encode_texts, per-batch
+    padding), for every split point; the full-model path (ft_layers = all) too."""
+    model, tok, texts = tiny_bert
+    ref = lm_gnn.encode_texts(model, tok, texts, 12, batch_size=4)
+    enc = lm_gnn.NodeEncoder(model, tok, texts, 12, ft_layers)
+    E0 = enc.build_cache(batch_size=5)
+    assert torch.allclose(E0, ref, atol=1e-5)
+    assert torch.allclose(enc.encode_all(batch_size=3), ref, atol=1e-5)
+
+
+def test_finetune_updates_only_the_top_layers(tiny_bert):
+    model, tok, texts = tiny_bert
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    enc = lm_gnn.NodeEncoder(model, tok, texts, 12, 1)
+    enc.build_cache()
+    pairs = np.array([[i, (i + 1) % len(texts)] for i in range(len(texts))])
+    stats = {}
+    losses = lm_gnn.finetune_link(enc, pairs, batch_size=4, lr=1e-2, epochs=2, tau=0.05, seed=0, loss="infonce",
+                                  known={(int(u), int(v)) for u, v in pairs}, stats=stats)
+    assert len(losses) == 6 and all(np.isfinite(losses))
+    assert stats["rows"] == 22 and stats["candidates"] == 2 * (4 * 3 + 4 * 3 + 3 * 2)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("encoder.layer.2.") for k in changed)

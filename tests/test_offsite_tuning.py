@@ -151,3 +151,72 @@ def test_offsite_step_saves_fewer_activations_than_full_ft(model, x):
     # a block's saved activations do not depend on its weights: per-block cost equal, so the ratio tracks depth
     per_block = (a_full - a_emu) / (N_LAYERS - (L_PAD + R_PAD + 2))
     assert per_block > 0 and a_emu > (L_PAD + R_PAD + 2) * per_block * 0.5
+
+
+# ------------------------------------------------------------------ the offsite_emulator stage (reprolab.lm.offsite_emulator)
+def test_cosine_with_warmup_matches_transformers_scheduler():
+    # the official run uses get_scheduler("cosine") (run_clm.py:288-293, opt.sh:18-19): pin against transformers itself
+    from transformers import get_cosine_schedule_with_warmup
+    from reprolab.lm.offsite_emulator import cosine_with_warmup
+
+    for warmup, total in ((0, 10), (3, 17), (20, 400)):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = get_cosine_schedule_with_warmup(opt, warmup, total)
+        for step in range(total + 1):
+            assert cosine_with_warmup(step, warmup, total) == pytest.approx(opt.param_groups[0]["lr"], abs=1e-12)
+            opt.step()
+            sched.step()
+
+
+def test_train_lm_applies_the_schedule(model, x):
+    emu = build_emulator(model, L_PAD, R_PAD, n_student=2)
+    seen = []
+    log = train_lm(emu, [x] * 4, set_trainable(emu, emulator_blocks(emu)), lr=0.5, teacher=model, kd_weight=30.0,
+                   lr_lambda=lambda s: 1.0 / (1 + s), on_step=seen.append)
+    assert seen == [1, 2, 3, 4]
+    assert log["optimizer"].param_groups[0]["lr"] == pytest.approx(0.5 / 5)  # after 4 scheduler steps
+
+
+def test_heldout_kd_matches_a_naive_hidden_state_reference(model, x):
+    from reprolab.lm.offsite_emulator import heldout_losses
+
+    emu = build_emulator(model, L_PAD, R_PAD, n_student=2)
+    got = heldout_losses(emu, model, x)  # x: 2 windows
+    kd, lm = [], []
+    with torch.no_grad():
+        for w in x:
+            w = w[None]
+            # hidden_states[i] is the input of block i: the output of the last middle block is hidden_states[n - r_pad]
+            t = model(w, output_hidden_states=True).hidden_states[N_LAYERS - R_PAD]
+            s = emu(w, output_hidden_states=True).hidden_states[L_PAD + 2]
+            kd.append((((t - s) ** 2).mean() / (t ** 2).mean()).item())
+            logits = emu(w).logits[0, :-1]
+            lm.append(torch.nn.functional.cross_entropy(logits, w[0, 1:]).item())
+    assert got["kd_loss"] == pytest.approx(sum(kd) / 2, rel=1e-5)
+    assert got["lm_loss"] == pytest.approx(sum(lm) / 2, rel=1e-5)
+
+
+def test_distill_emulator_trains_only_the_middle_and_round_trips(model, tmp_path):
+    from reprolab.lm.offsite_emulator import distill_emulator, load_emulator, save_emulator
+
+    ids = torch.randint(0, 97, (1, 400), generator=torch.Generator().manual_seed(2))
+    emu, log = distill_emulator(model, ids[:, :300], ids[:, 300:], l_pad=L_PAD, r_pad=R_PAD, n_student=2, steps=30,
+                                batch_size=2, seq_len=12, lr=3e-3, warmup=3, lm_weight=1.0, kd_weight=30.0, seed=0,
+                                eval_every=10, eval_windows=4)
+    assert [c["step"] for c in log["heldout"]] == [0, 10, 20, 30] and log["heldout_windows"] == 4
+    assert log["heldout"][-1]["kd_loss"] < log["heldout"][0]["kd_loss"]  # the emulator's own held-out KD comes down
+    full, blocks = decoder_block_list(model), decoder_block_list(emu)
+    for i, j in ((0, 0), (1, 1), (6, 4), (7, 5)):  # the adapter blocks stay the owner's
+        for (n, p), (_, q) in zip(blocks[j].named_parameters(), full[i].named_parameters()):
+            assert torch.equal(p, q), (i, n)
+    assert not torch.equal(blocks[2].mlp.down_proj.weight, full[emu.offsite["kept"][0]].mlp.down_proj.weight)
+    assert torch.equal(emu.lm_head.weight, model.lm_head.weight)
+    model.config.name_or_path = "tiny"
+    save_emulator(emu, {"params": {"model": "tiny", "l_pad": L_PAD, "r_pad": R_PAD, "n_student": 2}}, tmp_path / "e")
+    back, info = load_emulator(model, tmp_path / "e", l_pad=L_PAD, r_pad=R_PAD, n_student=2, model_name="tiny")
+    x = ids[:, :12]
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, emu(x).logits)
+    assert info["offsite"]["kept"] == emu.offsite["kept"]
+    with pytest.raises(ValueError):
+        load_emulator(model, tmp_path / "e", l_pad=L_PAD, r_pad=R_PAD, n_student=3)

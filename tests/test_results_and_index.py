@@ -212,6 +212,10 @@ def test_index_scoreboard_rows_forest_and_links(tmp_path, toy):
     assert (reports / "forest.svg").read_bytes() == svg, "the forest plot must be byte-identical on rerun"
     md, ht = index.to_markdown(rows), index.to_html(rows)
     assert "1.56x" in md and "1x training" not in md and "not comparable" in md  # paper's number only if comparable
+    assert "| toy | speedup | time |" in md  # a memory ratio is never listed as a wall-clock benchmark
+    assert index.bench_kind({"what": "rise of the process RSS high-water mark"}) == "memory"
+    assert index.bench_kind({"what": "whole-step peak memory, full / WTA-CRS"}) == "memory"
+    assert index.bench_kind({"what": "wall clock of one step"}) == "time"
     p = _Links()
     p.feed(ht)
     assert {"scoreboard", "papers"} <= set(p.ids)

@@ -125,3 +125,34 @@ def test_metis_parts_is_a_low_cut_partition():
     src, dst = src_t.numpy().copy(), dst_t.numpy().copy()
     rand = np.random.default_rng(12345).integers(0, 8, g.num_nodes())  # not seed 0: that would be y
     assert (part[src] != part[dst]).mean() < 0.5 * (rand[src] != rand[dst]).mean()
+
+
+def test_early_stopping_is_a_prefix_of_the_full_run_and_stops_at_best_plus_patience():
+    """train_featureless(patience=P) must replay the first epochs of the run without stopping exactly (deterministic
+    full-batch training) and stop the first epoch at which the best validation epoch is P epochs old (reference: the
+    full run's curve, scanned by hand)."""
+    from reprolab.graph.graphdata import stratified_split
+    from reprolab.graph.tt_embedding import FeaturelessSAGE, full_embedding, train_featureless
+
+    d = _graph()
+    g = dgl.add_self_loop(dgl.remove_self_loop(d.graph))
+    split = stratified_split(d.y, (0.3, 0.2, 0.5), 0)
+
+    def run(patience):
+        torch.manual_seed(0)
+        m = FeaturelessSAGE(full_embedding(d.num_nodes, 8), torch.arange(d.num_nodes), 16, d.num_classes, 2, 0.0)
+        return train_featureless(m, g, d.y, split, epochs=60, lr=0.05, patience=patience)
+
+    full, stopped = run(None), run(5)
+    v = full["val_curve"]
+    best, stop = 0, len(v)
+    for ep in range(len(v)):  # the first epoch whose best-so-far (first maximum) is 5 epochs old
+        if ep - best >= 5:
+            stop = ep
+            break
+        if v[ep] > v[best]:
+            best = ep
+    assert stop < 60, "the test must exercise a stop"
+    assert stopped["val_curve"] == v[:stop] and stopped["test_curve"] == full["test_curve"][:stop]
+    b = int(np.argmax(v[:stop]))
+    assert stopped["best_epoch"] == b + 1 and stopped["test_acc"] == full["test_curve"][b]

@@ -198,3 +198,29 @@ def test_no_claim_is_gated_on_uds_own_result_and_min_detectable_matches_the_clai
     half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
     est, (lo, hi) = interval(d, "difference")
     assert np.isclose(hi - est, half) and np.isclose(est - lo, half)
+
+
+def test_timed_real_steps_with_the_trunk_train_exactly_like_the_cached_loop():
+    """time_real_steps (the with-trunk wall-time benchmark) recomputes the trunk inside every step instead of reading
+    the cache; reference: train_arm on cached trunk features over the same candidate batches (one epoch = the same
+    steps) must end at the same weights, for full data, random and UDS alike."""
+    from reprolab.select.sft import time_real_steps, train_arm
+
+    torch.manual_seed(2)
+    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).eval().requires_grad_(False)
+    rng = np.random.RandomState(0)
+    pool = [{"ids": rng.randint(1, 50, rng.randint(4, 9)).tolist(), "n_prompt": 2, "key": f"k{i}", "uid": i,
+             "task": "t", "noisy": False} for i in range(8)]
+    feats = trunk_features(model, pool, n_blocks=2)
+    T = max(len(e["ids"]) for e in pool)
+    make = {"full": lambda: None, "random": lambda: RandomSelector(3), "uds": lambda: UDSSelector(T, 50, seed=3)}
+    timed = time_real_steps(model, pool, {a: f() for a, f in make.items()}, n_blocks=2, batch_size=4, k=1, lr=1e-2,
+                            seed=5, n_steps=2)
+    assert all(len(timed[a]) == 2 and min(timed[a]) > 0 for a in make)
+    for arm, f in make.items():
+        ref, _ = train_arm(model, feats, pool, f(), 2, 1, 4, 1, 1e-2, 5, True, loss_on="sequence")
+        for (n, p), (_, q) in zip(timed["_tops"][arm].named_parameters(), ref.named_parameters()):
+            assert torch.allclose(p, q, atol=1e-5), (arm, n)
+        assert any(not torch.equal(p, q) for p, q in zip(ref.parameters(), TopBlocks(model, 2).parameters()))

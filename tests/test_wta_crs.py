@@ -188,3 +188,20 @@ def test_layer_pass_fraction_against_a_naive_loop_and_trivial_layers_have_zero_v
     p = column_row_probs(x.norm(dim=1), g.norm(dim=1))
     v_wta, v_crs = wta_crs_variance(x, g, p, k), crs_variance(x, g, p, k)
     assert v_crs > 0 and v_wta <= 1e-6 * v_crs  # zero up to column_row_probs' eps on the zero rows
+
+
+def test_held_out_probe_batch_shares_no_passage_with_training():
+    """The variance claim probes the seed's first test passages: none of them may be a training passage (checked
+    row by row against every training row) and the two splits partition the drawn passages."""
+    from reprolab.lm import load_encoder
+    from reprolab.memory.text_tasks import author_passages
+    try:
+        tok = load_encoder("minilm-l6")[1]
+    except Exception as e:  # pragma: no cover - the model cache is a DVC output
+        pytest.skip(f"minilm-l6 not available: {e}")
+    for seed in (0, 1):
+        train, test = author_passages(tok, 24, 32, 3, seed, 0.25)
+        probe = test["input_ids"][:16]  # (16, 32): the notebook's held-out probe batch (probe_batch <= n_test)
+        train_rows = {tuple(r) for r in train["input_ids"].tolist()}
+        assert not any(tuple(r) in train_rows for r in probe.tolist())
+        assert len(train["labels"]) + len(test["labels"]) == 2 * 24

@@ -56,6 +56,7 @@ MODEL_FILES = {
     "smollm2-135m": ["models/smollm2-135m"],
     "minilm-l6": ["models/minilm-l6"],
     "tiny-llama-256": ["models/tiny-llama-256"],
+    "offsite-emulator": ["models/offsite-emulator"],
     "mobilenet-v2": ["models/mobilenet-v2"],
 }
 # modules that define the catalogues (every dataset/model name appears in them): their literals are not evidence of use
@@ -196,6 +197,13 @@ def build(params: dict | None = None) -> dict:
                        "deps": ["src/reprolab/lm/tiny_llama.py", "data/text"],
                        "params": ["self_extend.pretrain"],
                        "outs": ["models/tiny-llama-256"]},
+        "offsite_emulator": {"cmd": f"{PY} -m reprolab.lm.offsite_emulator",
+                             "deps": ["src/reprolab/lm/offsite_emulator.py", "src/reprolab/lm/offsite.py",
+                                      "models/smollm2-135m", "data/text/britannica.txt"],
+                             "params": [f"offsite_tuning.{k}" for k in ("emulator", "model", "distill_text", "l_pad",
+                                                                        "r_pad", "n_student", "lm_weight", "kd_weight",
+                                                                        "seed")],
+                             "outs": ["models/offsite-emulator"]},
     }
     for slug in params["papers"]:
         stages[slug] = {

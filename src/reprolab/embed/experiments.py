@@ -58,7 +58,7 @@ def _row(out: dict | None, method: str, ratio: float, seed: int) -> dict:
                 "logloss": np.nan, "bytes": np.nan, "budget_bytes": np.nan, "auc_sel": np.nan, "auc_eval": np.nan}
     keep = {k: out[k] for k in ("auc", "logloss", "bytes", "budget_bytes", "auc_sel", "auc_eval")}
     extra = {k: out[k] for k in ("bits", "n_hot", "n_hash", "migrations", "demotions", "hot_used", "hot_threshold",
-                                 "train_seconds") if k in out}
+                                 "train_seconds", "sketch_seconds") if k in out}
     return {"method": method, "ratio": float(ratio), "seed": seed, "feasible": True, **keep, **extra}
 
 

@@ -16,10 +16,10 @@ from torch import nn
 
 from .cafe import CafeEmbedding, HotSketch
 from .data import CTRData
-from .tables import (FullEmbedding, HashEmbedding, MDEmbedding, QREmbedding, full_bytes, prune_table,
-                     quantize_table)
+from .tables import (FullEmbedding, HashEmbedding, MDEmbedding, QATEmbedding, QREmbedding, full_bytes, prune_table,
+                     quant_bits_for, quantize_table)
 
-TRAINED = ("full", "hash", "qr", "mde", "cafe", "cafe_ml", "cafe_nosk")
+TRAINED = ("full", "hash", "qr", "mde", "qat", "cafe", "cafe_ml", "cafe_nosk")
 POST_TRAINING = ("quant", "prune")
 
 
@@ -78,6 +78,9 @@ def make_table(method: str, data: CTRData, dim: int, ratio: float, cfg: dict, se
     if method == "qr":
         m = QREmbedding.m_for_rows(N, budget / (dim * 4))
         return QREmbedding(N, dim, m, seed, init) if m else None
+    if method == "qat":  # quantization-aware training at the widest bit-width that fits (None below 1/16 of fp32)
+        bits = quant_bits_for(N, dim, budget)
+        return QATEmbedding(N, dim, bits, seed, init) if bits else None
     if method == "mde":
         counts = np.bincount(data.x_train.ravel(), minlength=N).astype(np.float64)
         rank, bounds, dims = MDEmbedding.plan(counts, dim, budget, cfg.get("mde_blocks", 4), cfg.get("mde_alpha", 0.3))
@@ -108,7 +111,8 @@ def post_training_table(method: str, full_weight: torch.Tensor, ratio: float) ->
 
 
 def train(model: DLRMLite, data: CTRData, epochs: int, batch_size: int, lr: float) -> list[float]:
-    """Adam on BCE; CAFE's sketch update and migration run after each optimizer step. Returns per-step losses."""
+    """Adam on BCE; CAFE's sketch update and migration run after each backward, before the optimizer step (as the
+    official main.py:375-377). Returns per-step losses."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
     losses = []
@@ -120,9 +124,9 @@ def train(model: DLRMLite, data: CTRData, epochs: int, batch_size: int, lr: floa
             loss = nn.functional.binary_cross_entropy_with_logits(model(xb), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
-            if hasattr(model.emb, "after_backward"):
+            if hasattr(model.emb, "after_backward"):  # CAFE: insert_grad between backward and step (main.py:375-377)
                 model.emb.after_backward(opt)
+            opt.step()
             losses.append(float(loss))
     return losses
 
@@ -153,9 +157,12 @@ def run_arm(method: str, data: CTRData, ratio: float, cfg: dict, seed: int) -> d
     out.update(method=method, ratio=ratio, bytes=int(emb.nbytes()), budget_bytes=full_bytes(data.n_features, cfg["dim"]) / ratio,
                final_train_loss=float(np.mean(losses[-20:])), model=model)
     out["train_seconds"] = train_seconds
+    if isinstance(emb, QATEmbedding):
+        out["bits"] = emb.bits
     if isinstance(emb, CafeEmbedding):
         out.update(n_hot=emb.n_hot, n_hash=emb.n_hash, migrations=emb.migrations, demotions=emb.demotions,
-                   hot_used=len(emb.hot_features()), hot_threshold=emb.hot_threshold)
+                   hot_used=len(emb.hot_features()), hot_threshold=emb.hot_threshold,
+                   sketch_seconds=emb.sketch_seconds)  # wall clock: timings only
     return out
 
 

@@ -12,6 +12,8 @@ tensors' sizes. Budgets are expressed as compression ratios r: budget bytes = fu
   dim d_k (alpha-power rule d_k proportional to mean block frequency^alpha) and a d_k x d projection; blocks whose
   dim rounds to 0 map to the zero vector.
 * :func:`quantize_table` -- post-training uniform symmetric quantization with one fp32 scale per row (int8/int4/int2).
+* :class:`QATEmbedding` -- the same format trained quantization-aware (fake quant in the forward, straight-through
+  gradient), at the widest bit-width that fits the budget.
 * :func:`prune_table` -- post-training global magnitude pruning, stored as fp32 values + int32 flat indices (COO).
 """
 from __future__ import annotations
@@ -187,6 +189,41 @@ def quantize_table(weight: torch.Tensor, budget_bytes: float, bits_options=(8, 4
         if math.ceil(n * d * b / 8) + n * FP32 <= budget_bytes:
             return QuantizedEmbedding(weight.detach(), b)
     return None
+
+
+def quant_bits_for(n: int, d: int, budget_bytes: float, bits_options=(8, 4, 2)) -> int | None:
+    """The widest bit-width whose row-wise quantized table (codes + one fp32 scale per row) fits the budget."""
+    for b in bits_options:
+        if math.ceil(n * d * b / 8) + n * FP32 <= budget_bytes:
+            return b
+    return None
+
+
+class QATEmbedding(nn.Module):
+    """Quantization-aware training of a full table: fp32 master rows during training, and every lookup returns the
+    row-wise symmetric ``bits``-bit quantized row (the :class:`QuantizedEmbedding` format: one fp32 scale per row,
+    absmax / q_max) with a straight-through gradient (d out / d w = identity). Its forward is exactly the deployed
+    table's, so evaluating the trained module is evaluating :meth:`export`; ``nbytes`` counts the deployed codes and
+    scales (the fp32 master copy exists only during training)."""
+
+    def __init__(self, n_features: int, dim: int, bits: int, seed: int = 0, init_scale: float | None = None):
+        super().__init__()
+        self.n_features, self.dim, self.bits = n_features, dim, int(bits)
+        self.weight = _uniform(n_features, dim, torch.Generator().manual_seed(seed), init_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight[x]
+        qmax = 2 ** (self.bits - 1) - 1
+        with torch.no_grad():
+            scale = w.abs().amax(-1, keepdim=True).clamp(min=1e-12) / qmax
+            q = torch.round(w / scale).clamp(-qmax, qmax) * scale
+        return q + (w - w.detach())  # value q exactly, gradient straight through to w
+
+    def export(self) -> "QuantizedEmbedding":
+        return QuantizedEmbedding(self.weight.detach(), self.bits)
+
+    def nbytes(self) -> int:
+        return math.ceil(self.n_features * self.dim * self.bits / 8) + self.n_features * FP32
 
 
 class PrunedEmbedding(nn.Module):

@@ -191,3 +191,28 @@ def integrated_gradients_attribution(encoder: Encoder, W: torch.Tensor, b: torch
     ig = x * total / steps  # (B, C, H, W)
     a = minmax(Fn.adaptive_avg_pool2d(ig.sum(1, keepdim=True), grid)[:, 0])
     return (a, ig) if return_raw else a
+
+
+def rise_masks(n_masks: int, grid: int, p_keep: float, generator: torch.Generator) -> torch.Tensor:
+    """RISE's random keep-masks (Petsiuk et al., 2018), drawn on the evaluation patch grid: (N, g, g), each patch kept
+    independently with probability ``p_keep`` (1 = kept, 0 = set to the black fill)."""
+    return (torch.rand(n_masks, grid, grid, generator=generator) < p_keep).float()
+
+
+def rise_from_scores(scores: torch.Tensor, masks: torch.Tensor, p_keep: float, return_raw: bool = False):
+    """RISE saliency from the explained class's scores of the masked images: S_p = sum_i s_i M_i(p) / (N p_keep),
+    i.e. a Monte Carlo estimate of E[s | patch p kept]; ``scores`` (B, N), ``masks`` (N, g, g) -> (B, g, g), min-max
+    normalised per image (``return_raw``: also the raw map)."""
+    raw = torch.einsum("bn,nij->bij", scores, masks) / (len(masks) * p_keep)
+    return (minmax(raw), raw) if return_raw else minmax(raw)
+
+
+@torch.no_grad()
+def rise_embeddings(encoder, x: torch.Tensor, masks: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """Embeddings (B, N, d) of every image under every RISE mask (patches upsampled to pixels, black fill): computed
+    once and shared by all the linear heads explained."""
+    B, C, H, W = x.shape
+    up = Fn.interpolate(masks[:, None], size=(H, W), mode="nearest")[:, 0]  # (N, H, W)
+    imgs = (x[:, None] * up[None, :, None]).reshape(B * len(masks), C, H, W)
+    z = torch.cat([encoder(imgs[i:i + batch]) for i in range(0, len(imgs), batch)])
+    return z.view(B, len(masks), -1)

@@ -116,7 +116,8 @@ def fit_stitched_mlp(model: StitchedGNN, X: torch.Tensor, y: torch.Tensor, train
 def edit_gd(model: nn.Module, g, X: torch.Tensor, idx: int, label: int, *, lr: float, max_steps: int,
             params=None, stitched: bool = False) -> tuple[nn.Module, bool, int]:
     """One independent edit: a deep copy of ``model`` takes Adam steps on CE(logits_idx, label) over ``params``
-    (names of parameters to edit; None = all trainable) until argmax logits_idx == label or ``max_steps``.
+    (names of parameters to edit; None = all trainable) with the official stopping rule: stop one step after
+    argmax logits_idx == label (the prediction is taken before each step), or after ``max_steps``.
 
     ``stitched``: use ``fast_forward`` (EGNN, MLP only, no propagation); else a full-graph forward (GD on a GNN/MLP).
     Dropout is off (eval mode) so that an edit is deterministic. Returns (edited copy, success, steps taken).
@@ -137,14 +138,19 @@ def edit_gd(model: nn.Module, g, X: torch.Tensor, idx: int, label: int, *, lr: f
     with torch.no_grad():
         if int(logits_of_target().argmax(-1)) == label:
             return m, True, 0
+    # The official single_edit loop (henryzhongsc/gnn_editing pipelines/seed_gnn/utils.py:141-159): each step takes
+    # the logits, the loss and the prediction, steps Adam, then stops if that prediction (from BEFORE the step) was
+    # right: one Adam step after the flip, counted in `steps`; a flip made by the last allowed step is a failure.
+    # (The pre-check above is the official bef_edit_check, utils.py:113-129 / edit(), 0 steps.)
     for step in range(1, max_steps + 1):
-        loss = F.cross_entropy(logits_of_target(), target)
+        out = logits_of_target()
+        loss = F.cross_entropy(out, target)
+        right = int(out.argmax(-1)) == label
         opt.zero_grad()
         loss.backward()
         opt.step()
-        with torch.no_grad():
-            if int(logits_of_target().argmax(-1)) == label:
-                return m, True, step
+        if right:
+            return m, True, step
     return m, False, max_steps
 
 

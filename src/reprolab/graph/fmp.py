@@ -121,7 +121,11 @@ class FMPConv(nn.Module):
         u = s[:, None] * z[None, :]  # (N, C) = s^T z
         return softmax_vjp(u if self.jacobian_at == "dual" else Y, u)
 
-    def forward(self, g, H: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    def forward(self, g, H: torch.Tensor, s: torch.Tensor, trace: list | None = None) -> torch.Tensor:
+        """``trace`` (a list, optional) receives one dict per step: the group gap of softmax(Y) before the
+        bias-mitigation step, the projection factor and ``step_bound``, the largest change of a logit difference that
+        the step can make on any node: gamma max_i range(u_i) / 2 with u = s^T z (binary classes, where the softmax
+        Jacobian is p(1-p) [[1, -1], [-1, 1]] and p(1-p) <= 1/4; gamma max_i range(u_i) for C > 2)."""
         gamma = 1.0 / (1.0 + self.lambda2)
         beta = 1.0 / (2.0 * gamma)
         F = H  # (N, C)
@@ -132,6 +136,12 @@ class FMPConv(nn.Module):
                 F_bar = Y - gamma * self.correction(Y, s, z)  # (N, C)
                 z = project_dual(z + beta * (s @ softmax_rows(F_bar)), self.lambda1, beta, self.proj)
                 F = Y - gamma * self.correction(Y, s, z)  # (N, C) bias mitigation
+                if trace is not None:
+                    u = s[:, None] * z[None, :]  # (N, C)
+                    rng = float((u.max(1).values - u.min(1).values).max())
+                    trace.append({"gap_Y": group_gap(Y, s), "step_bound": gamma * rng * (0.5 if Y.shape[1] == 2 else 1.0),
+                                  "proj_factor": (2 * self.lambda1 / (2 * self.lambda1 + beta)) if self.proj == "l2sq"
+                                  else float("nan")})
             else:
                 F = Y
         return F
@@ -166,6 +176,25 @@ def probe_gap_reduction(g, H: torch.Tensor, s: torch.Tensor, **fmp_kwargs) -> di
         plain = FMPConv(**{**fmp_kwargs, "lambda1": 0.0})(g, H, s)
         fair = FMPConv(**fmp_kwargs)(g, H, s)
     return {"gap_H": group_gap(H, s), "gap_no_fair": group_gap(plain, s), "gap_fmp": group_gap(fair, s)}
+
+
+def mitigation_shift(g, H: torch.Tensor, s: torch.Tensor, nodes: torch.Tensor, **fmp_kwargs) -> dict[str, float]:
+    """What the bias-mitigation step does to trained logits H (binary classes): the logit difference d = F_1 - F_0
+    after FMP and after the same propagation with lambda1 = 0, on ``nodes``. Returns the mean / max |shift| of d, the
+    mean |d| (the margin the shift must overcome), the share of predictions it flips, the group gap of mean
+    probabilities and the per-step bound (largest ``step_bound`` and ``gap_Y`` over the K steps, see
+    :meth:`FMPConv.forward`)."""
+    trace: list = []
+    with torch.no_grad():
+        plain = FMPConv(**{**fmp_kwargs, "lambda1": 0.0})(g, H, s)
+        fair = FMPConv(**fmp_kwargs)(g, H, s, trace=trace)
+    d0, d1 = (plain[:, 1] - plain[:, 0])[nodes], (fair[:, 1] - fair[:, 0])[nodes]
+    return {"mean_abs_shift": float((d1 - d0).abs().mean()), "max_abs_shift": float((d1 - d0).abs().max()),
+            "mean_abs_margin": float(d0.abs().mean()), "flipped": float(((d0 > 0) != (d1 > 0)).float().mean()),
+            "gap_no_fair": group_gap(plain, s), "gap_fmp": group_gap(fair, s),
+            "max_step_bound": max((t["step_bound"] for t in trace), default=0.0),
+            "max_gap_Y": max((t["gap_Y"] for t in trace), default=0.0),
+            "proj_factor": trace[0]["proj_factor"] if trace else float("nan")}
 
 
 ARMS = ("mlp", "gcn", "gcn_reg", "fmp", "fmp_no_fair", "fmp_all_nodes")

@@ -18,7 +18,8 @@ arXiv:2306.05760; official code: the ``GraphSampling/LARA.py`` module of the aut
 3. **Deployment**: one explainer forward pass scores every (player, node) pair of every node to explain.
 
 Baselines here: ``dgl.nn.GNNExplainer`` (per-node mask optimisation, edge mask -> node score = max over the node's
-edges) and gradient saliency (``||d f_t[c] / d x_s||``). Fidelity+ / Fidelity- at a sparsity ``rho``: remove (resp.
+edges), ``dgl.nn.PGExplainer`` (amortised: an MLP on edge embeddings trained once on training nodes) and gradient
+saliency (``||d f_t[c] / d x_s||``). Fidelity+ / Fidelity- at a sparsity ``rho``: remove (resp.
 keep only) the top ``ceil((1 - rho) M)`` of the ``M`` players and measure the drop of ``f_t[c]``.
 """
 from __future__ import annotations
@@ -33,12 +34,13 @@ import torch.nn.functional as F
 
 os.environ.setdefault("DGLBACKEND", "pytorch")
 import dgl  # noqa: E402
-from dgl.nn import GNNExplainer, GraphConv  # noqa: E402
+from dgl.nn import GNNExplainer, GraphConv, PGExplainer  # noqa: E402
 
 
 class EdgeGCN(nn.Module):
     """The GNN to explain: ``n_layers`` GraphConv (norm="both") on a graph with self loops, optional edge weights
-    (the ``eweight`` keyword that ``dgl.nn.GNNExplainer`` passes)."""
+    (the ``eweight`` keyword that ``dgl.nn.GNNExplainer`` passes, or ``edge_weight`` from ``dgl.nn.PGExplainer``);
+    ``embed=True`` returns the last hidden layer (the node embeddings ``dgl.nn.PGExplainer`` reads)."""
 
     def __init__(self, in_feats: int, hidden: int, n_classes: int, n_layers: int = 3):
         super().__init__()
@@ -46,12 +48,15 @@ class EdgeGCN(nn.Module):
         self.layers = nn.ModuleList(GraphConv(a, b, norm="both", allow_zero_in_degree=True)
                                     for a, b in zip(dims[:-1], dims[1:]))
 
-    def forward(self, graph, feat, eweight=None):
+    def forward(self, graph, feat, eweight=None, embed=False, edge_weight=None):
+        w = eweight if eweight is not None else edge_weight
         h = feat  # (N, d)
         for i, layer in enumerate(self.layers):
             if i > 0:
                 h = F.relu(h)
-            h = layer(graph, h, edge_weight=eweight)
+                if embed and i == len(self.layers) - 1:
+                    return h  # (N, hidden)
+            h = layer(graph, h, edge_weight=w)
         return h  # (N, C)
 
 
@@ -85,8 +90,12 @@ def _removed_graph(sg, removed_local: torch.Tensor):
 
 @torch.no_grad()
 def removal_values(model: nn.Module, g, X, t: int, players: torch.Tensor, order: torch.Tensor, n_layers: int,
-                   cls: int | None = None) -> torch.Tensor:
+                   cls: int | None = None, target: str = "prob") -> torch.Tensor:
     """phi_pi(s -> t) for the players in ``order`` (a permutation of ``players``), returned aligned with ``players``.
+
+    ``target="logit"`` (the official value: ``LARA.py`` ``__get_subgraph__`` reads
+    ``imputer(...)[:, center, ori_pred_cls]``, the target GNN's raw output for the predicted class) uses the model's
+    raw output f_t[c]; ``target="prob"`` (this repository's first version) its softmax probability.
 
     Exact for an ``n_layers`` GCN: the model runs on the (n_layers + 1)-hop in-subgraph of ``t`` (one more hop than
     the receptive field so that every node's degree, hence GraphConv's normalisation, is the full graph's). The
@@ -108,7 +117,11 @@ def removal_values(model: nn.Module, g, X, t: int, players: torch.Tensor, order:
     state = torch.repeat_interleave(torch.arange(len(u)), reps)  # edge id per copy
     k = torch.arange(int(reps.sum())) - torch.repeat_interleave(torch.cumsum(reps, 0) - reps, reps)  # its state
     bg = dgl.graph((u[state] + k * n, w[state] + k * n), num_nodes=(M + 1) * n)  # the M + 1 states, batched
-    prob = model(bg, feat.repeat(M + 1, 1)).softmax(-1)  # ((M+1) n, C)
+    if target not in ("prob", "logit"):
+        raise ValueError(f"removal target {target!r}; allowed: prob, logit")
+    prob = model(bg, feat.repeat(M + 1, 1))  # ((M+1) n, C) raw outputs (logits)
+    if target == "prob":
+        prob = prob.softmax(-1)
     v = prob[torch.arange(M + 1) * n + int(center), cls]  # (M+1,)
     phi_order = v[:-1] - v[1:]  # removing order[k] moves from state k to state k+1
     pos = {int(s): k for k, s in enumerate(order)}
@@ -116,9 +129,16 @@ def removal_values(model: nn.Module, g, X, t: int, players: torch.Tensor, order:
 
 
 def removal_targets(model: nn.Module, g, X, nodes, *, player_hops: int, n_layers: int, n_perms: int,
-                    seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    seed: int, antithetic: bool = False,
+                    target: str = "prob") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(src, tgt, phi): for each node ``t`` in ``nodes`` and each of its players ``s``, phi averaged over
-    ``n_perms`` random removal orders (Monte Carlo Shapley of the removal value)."""
+    ``n_perms`` random removal orders (Monte Carlo Shapley of the removal value).
+
+    ``antithetic=True`` (the official ``GraphSampler``): the orders come in pairs, a random order and its reverse
+    (``__init_permu__`` flips the stored permutation), so ``n_perms`` must be even; with 2 players one pair covers both
+    orders and the average is the exact Shapley value."""
+    if antithetic and n_perms % 2:
+        raise ValueError(f"antithetic orders come in pairs: n_perms must be even, got {n_perms}")
     gen = torch.Generator().manual_seed(seed)
     src, tgt, val = [], [], []
     for t in nodes:
@@ -127,9 +147,13 @@ def removal_targets(model: nn.Module, g, X, nodes, *, player_hops: int, n_layers
         if len(players) == 0:
             continue
         phi = torch.zeros(len(players))
-        for _ in range(n_perms):
-            order = players[torch.randperm(len(players), generator=gen)]
-            phi += removal_values(model, g, X, t, players, order, n_layers)
+        order = None
+        for k in range(n_perms):
+            if antithetic and k % 2 == 1:
+                order = order.flip(0)
+            else:
+                order = players[torch.randperm(len(players), generator=gen)]
+            phi += removal_values(model, g, X, t, players, order, n_layers, target=target)
         src.append(players)
         tgt.append(torch.full((len(players),), t))
         val.append(phi / n_perms)
@@ -188,6 +212,7 @@ def train_explainer(explainer: LaraExplainer, g, X, src, tgt, phi, *, epochs: in
             score = float(select_fn(explainer))
             if score > best:
                 best, best_state = score, {k: v.clone() for k, v in explainer.state_dict().items()}
+                explainer.selected_epoch = epoch + 1
     if best_state is not None:
         explainer.load_state_dict(best_state)
     explainer.eval()
@@ -206,6 +231,53 @@ def gnnexplainer_scores(model: nn.Module, g, X, t: int, players: torch.Tensor, *
     """``dgl.nn.GNNExplainer`` edge mask for node ``t``; a player's score is the max mask over its edges."""
     exp = GNNExplainer(model, num_hops=n_layers, lr=lr, num_epochs=epochs, log=False)
     _, sg, _, edge_mask = exp.explain_node(int(t), g, X)
+    u, v = sg.edges()
+    node_score = torch.zeros(sg.num_nodes())
+    node_score = node_score.scatter_reduce(0, u.long(), edge_mask, reduce="amax")
+    node_score = node_score.scatter_reduce(0, v.long(), edge_mask, reduce="amax")
+    lookup = torch.zeros(g.num_nodes())
+    lookup[sg.ndata[dgl.NID].long()] = node_score
+    return lookup[players]
+
+
+def train_pgexplainer(model: nn.Module, g, X, nodes, *, n_layers: int, hidden: int, epochs: int, lr: float,
+                     batch: int, t0: float, t1: float, seed: int, select_fn=None) -> PGExplainer:
+    """``dgl.nn.PGExplainer`` (Luo et al. 2020, the paper's amortised competitor) trained on ``nodes`` (training
+    nodes): Adam, mini-batches of ``batch`` nodes, temperature annealed as in the PGExplainer paper,
+    t(e) = t0 * (t1 / t0) ** (e / epochs); DGL's default size and entropy coefficients.
+
+    ``select_fn(exp) -> float`` (optional): evaluated after every epoch (validation Fidelity+, as LARA's model
+    selection); the explainer ends with the best-scoring weights, and ``exp.best_score`` / ``exp.best_epoch`` say
+    which."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    exp = PGExplainer(model, hidden, num_hops=n_layers, explain_graph=False)
+    opt = torch.optim.Adam(exp.parameters(), lr=lr)
+    nodes = torch.as_tensor(list(nodes), dtype=torch.int64)
+    best, best_epoch, best_state = -float("inf"), 0, None
+    for e in range(epochs):
+        temp = t0 * (t1 / t0) ** (e / epochs)
+        perm = nodes[torch.randperm(len(nodes), generator=gen)]
+        for i in range(0, len(perm), batch):
+            loss = exp.train_step_node(perm[i:i + batch].tolist(), g, X, temp)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if select_fn is not None:
+            score = float(select_fn(exp))
+            if best_state is None or score > best:
+                best, best_epoch, best_state = score, e + 1, {k: v.clone() for k, v in exp.state_dict().items()}
+    if best_state is not None:
+        exp.load_state_dict(best_state)
+        exp.best_score, exp.best_epoch = best, best_epoch
+    return exp
+
+
+@torch.no_grad()
+def pgexplainer_scores(exp: PGExplainer, g, X, t: int, players: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The trained PGExplainer's edge mask on the ``num_hops`` in-subgraph of ``t``; a player's score is the max mask
+    over its edges (as for GNNExplainer)."""
+    _, edge_mask, sg, _ = exp.explain_node(int(t), g, X, temperature)
     u, v = sg.edges()
     node_score = torch.zeros(sg.num_nodes())
     node_score = node_score.scatter_reduce(0, u.long(), edge_mask, reduce="amax")

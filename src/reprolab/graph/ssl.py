@@ -221,8 +221,9 @@ def step_closure(model: nn.Module, g: dgl.DGLGraph, X: torch.Tensor, mode: str, 
 
 
 def pretrain(model: nn.Module, g: dgl.DGLGraph, X: torch.Tensor, mode: str, cfg: dict, seed: int,
-             progress=None) -> dict:
-    """Train ``model`` for ``cfg['epochs']`` epochs (full: one step an epoch; sampled: one step per seed batch).
+             progress=None, max_steps: int | None = None) -> dict:
+    """Train ``model`` for ``cfg['epochs']`` epochs (full: one step an epoch; sampled: one step per seed batch), or
+    until ``max_steps`` optimiser steps if given (the last epoch may then stop part way: equal-steps comparisons).
 
     Returns {losses (per epoch mean), steps, seconds, nodes_per_s (seed nodes processed per second)}."""
     gen = torch.Generator().manual_seed(seed)
@@ -230,9 +231,11 @@ def pretrain(model: nn.Module, g: dgl.DGLGraph, X: torch.Tensor, mode: str, cfg:
                            weight_decay=cfg["weight_decay"])
     L = cfg["n_layers"] + model.extra_layers
     fanouts = list(cfg["fanouts"]) + [cfg["fanouts"][-1]] * model.extra_layers
-    losses, steps, t0 = [], 0, time.perf_counter()
+    losses, steps, seen, t0 = [], 0, 0, time.perf_counter()
     epochs = range(cfg["epochs"])
     for _ in progress(epochs) if progress else epochs:
+        if max_steps is not None and steps >= max_steps:
+            break
         model.train()
         if mode == "full":
             batches = [(torch.arange(g.num_nodes()), full_graphs(g, L))]
@@ -249,9 +252,12 @@ def pretrain(model: nn.Module, g: dgl.DGLGraph, X: torch.Tensor, mode: str, cfg:
                 model.after_step()
             ep.append(float(loss))
             steps += 1
+            seen += g.num_nodes() if mode == "full" else graphs[-1].num_dst_nodes()
+            if max_steps is not None and steps >= max_steps:
+                break
         losses.append(float(np.mean(ep)))
     secs = time.perf_counter() - t0
-    return {"losses": losses, "steps": steps, "seconds": secs, "nodes_per_s": cfg["epochs"] * g.num_nodes() / secs}
+    return {"losses": losses, "steps": steps, "seconds": secs, "nodes_per_s": seen / secs}
 
 
 @torch.no_grad()

@@ -267,12 +267,18 @@ def full_embedding(num_nodes: int, dim: int) -> nn.Embedding:
 
 
 def train_featureless(model: nn.Module, g, y: torch.Tensor, split: dict, *, epochs: int, lr: float,
-                      weight_decay: float = 0.0) -> dict:
+                      weight_decay: float = 0.0, patience: int | None = None) -> dict:
     """Full-batch Adam on CE of the training nodes; returns the per-epoch validation/test accuracy curves and the
-    test accuracy at the best validation epoch (first on ties)."""
+    test accuracy at the best validation epoch (first on ties). ``patience``: stop once the best validation accuracy
+    is ``patience`` epochs old (early stopping on validation; the epochs are then chosen on validation, up to
+    ``epochs``); None runs every epoch. The reported best epoch is the same as without stopping whenever the
+    validation accuracy does not improve again after a ``patience``-epoch plateau."""
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     val_curve, test_curve = [], []
-    for _ in range(epochs):
+    best_val, best_at = -1.0, 0
+    for ep in range(epochs):
+        if patience is not None and ep - best_at >= patience:
+            break
         model.train()
         loss = F.cross_entropy(model(g)[split["train"]], y[split["train"]])
         opt.zero_grad()
@@ -283,6 +289,8 @@ def train_featureless(model: nn.Module, g, y: torch.Tensor, split: dict, *, epoc
             pred = model(g).argmax(-1)
         val_curve.append(float((pred[split["val"]] == y[split["val"]]).float().mean()))
         test_curve.append(float((pred[split["test"]] == y[split["test"]]).float().mean()))
+        if val_curve[-1] > best_val:
+            best_val, best_at = val_curve[-1], ep
     best = int(np.argmax(val_curve))
     return {"val_curve": val_curve, "test_curve": test_curve, "best_epoch": best + 1, "val_acc": val_curve[best],
             "test_acc": test_curve[best]}
@@ -332,7 +340,7 @@ def run_arm(arm: str, data, split: dict, seed: int, cfg: dict, epochs: int, orde
         if orders is not None:
             orders[key] = new_id
     model = FeaturelessSAGE(emb, new_id, cfg["hidden"], data.num_classes, cfg["n_layers"], cfg["dropout"])
-    out = train_featureless(model, g, data.y, split, epochs=epochs, lr=cfg["lr"])
+    out = train_featureless(model, g, data.y, split, epochs=epochs, lr=cfg["lr"], patience=cfg.get("patience"))
     out["emb_params"] = model.embedding_parameters()
     out["emb_bytes"] = 4 * out["emb_params"]  # fp32
     out["gnn_params"] = sum(p.numel() for p in model.layers.parameters())

@@ -144,17 +144,20 @@ class _Capture:
 
 def train_lm(model: nn.Module, batches: list[torch.Tensor], params: list[nn.Parameter], lr: float,
              max_grad_norm: float = 1.0, teacher: nn.Module | None = None, kd_weight: float = 0.0,
-             lm_weight: float = 1.0, progress=None) -> dict:
+             lm_weight: float = 1.0, progress=None, lr_lambda=None, on_step=None) -> dict:
     """AdamW on ``params`` with the LM loss (and, with ``teacher``, the emulator distillation loss).
 
     Distillation: ``model`` is an emulator; the teacher target is the output of the full model's last middle block
     (its input equals the emulator's middle input because the bottom adapter is frozen and shared by value).
+    ``lr_lambda(step)``: a multiplier of ``lr`` per optimizer step (``LambdaLR``; None = constant, as before);
+    ``on_step(step)`` is called after each update (e.g. a held-out evaluation), with the model left in train mode.
     Returns ``{"lm_loss": [...], "kd_loss": [...], "step_s": [...], "optimizer": opt}`` (step_s: wall-clock seconds).
     """
     for p in model.parameters():
         p.grad = None  # drop gradients left by an earlier phase (e.g. distillation before adapter tuning)
     model.train()
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda) if lr_lambda is not None else None
     hooks = []
     if teacher is not None:
         info = model.offsite
@@ -177,8 +180,13 @@ def train_lm(model: nn.Module, batches: list[torch.Tensor], params: list[nn.Para
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=False)  # keep gradient buffers allocated, so they can be counted
+        if sched is not None:
+            sched.step()
         log["step_s"].append(time.perf_counter() - start)
         log["lm_loss"].append(out.loss.item())
+        if on_step is not None:
+            on_step(len(log["lm_loss"]))
+            model.train()
     for h in hooks:
         h.remove()
     model.eval()

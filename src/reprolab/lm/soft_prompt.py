@@ -59,8 +59,11 @@ def sample_prompt_tokens(ids: torch.Tensor, k: int, seed: int) -> torch.Tensor:
 
 
 def train_soft_prompt(lm: SoftPromptLM, batches: list[torch.Tensor], lr: float, max_grad_norm: float = 1.0,
-                      progress=None) -> list[float]:
-    """Adam on the prompt only, LM loss on each batch (B, L); returns the per-step losses."""
+                      progress=None, on_step=None) -> list[float]:
+    """Adam on the prompt only, LM loss on each batch (B, L); returns the per-step losses.
+
+    ``on_step(step)`` (optional) is called after each optimizer step with the 1-based step number, e.g. to score the
+    prompt on held-out text mid-training; it must not change the prompt."""
     opt = torch.optim.Adam([lm.P], lr=lr)
     lm.model.eval()  # no dropout: the compressed model stays frozen and deterministic
     losses = []
@@ -71,6 +74,8 @@ def train_soft_prompt(lm: SoftPromptLM, batches: list[torch.Tensor], lr: float, 
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
+        if on_step is not None:
+            on_step(len(losses))
     return losses
 
 

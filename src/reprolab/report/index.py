@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -140,6 +141,12 @@ def _bench_rows(rows: list[dict]) -> list[tuple[str, str, dict]]:
     return [(p["slug"], k, b) for p in rows for k, b in p["benchmarks"].items()]
 
 
+def bench_kind(b: dict) -> str:
+    """What a benchmark measures, from its description: "memory" (peak memory, RSS, bytes) or "time" (wall clock,
+    throughput): the index lists them apart so that a memory ratio is not read as a speed-up."""
+    return "memory" if re.search(r"memory|\bRSS\b|bytes", b.get("what", ""), re.I) else "time"
+
+
 def to_markdown(rows: list[dict]) -> str:
     s = scoreboard(rows)
     out = ["# Reproduction index", "",
@@ -164,10 +171,11 @@ def to_markdown(rows: list[dict]) -> str:
                    f"{_acc_md(p)} | {_runtime(p) or 'not run'} |")
     bench = _bench_rows(rows)
     if bench:
-        out += ["", "## Wall-clock benchmarks (this machine; kept apart from metrics)", "",
-                "The paper's number is shown only where the benchmark measures the paper's own quantity.", "",
-                "| paper | benchmark | measured here | what it measures | the paper |", "|---|---|---|---|---|"]
-        out += [f"| {sl} | {k} | {_fmt(b['measured'])}{b.get('unit', '')} | {b.get('what', '')} | "
+        out += ["", "## Benchmarks: time and memory on this machine (kept apart from metrics)", "",
+                "The paper's number is shown only where the benchmark measures the paper's own quantity. *time*: wall "
+                "clock or throughput; *memory*: peak memory, resident set or bytes.", "",
+                "| paper | benchmark | kind | measured here | what it measures | the paper |", "|---|---|---|---|---|---|"]
+        out += [f"| {sl} | {k} | {bench_kind(b)} | {_fmt(b['measured'])}{b.get('unit', '')} | {b.get('what', '')} | "
                 f"{b['paper'] if b.get('comparable') else 'not comparable'} |" for sl, k, b in bench]
     return "\n".join(out) + "\n"
 
@@ -227,10 +235,11 @@ def to_html(rows: list[dict], forest_file: str | None = "forest.svg") -> str:
                      f"<img src='{e(forest_file)}' alt='forest plot of every claim' style='max-width:100%'>")
     bench = _bench_rows(rows)
     if bench:
-        parts.append("<details><summary><b>Wall-clock benchmarks</b> (this machine; the paper's number only where "
-                     "comparable)</summary><table><tr><th>paper</th><th>benchmark</th><th>measured here</th>"
+        parts.append("<details><summary><b>Benchmarks: time and memory</b> (this machine; kind <i>time</i> = wall clock "
+                     "or throughput, <i>memory</i> = peak memory, resident set or bytes; the paper's number only where "
+                     "comparable)</summary><table><tr><th>paper</th><th>benchmark</th><th>kind</th><th>measured here</th>"
                      "<th>what it measures</th><th>the paper</th></tr>")
-        parts += [f"<tr><td>{e(sl)}</td><td>{e(k)}</td><td class='num'>{_fmt(b['measured'])}{e(b.get('unit', ''))}"
+        parts += [f"<tr><td>{e(sl)}</td><td>{e(k)}</td><td>{bench_kind(b)}</td><td class='num'>{_fmt(b['measured'])}{e(b.get('unit', ''))}"
                   f"</td><td>{e(b.get('what', ''))}</td><td>"
                   f"{e(b['paper'] + (' (' + b['paper_setting'] + ')' if b.get('paper_setting') else '')) if b.get('comparable') else '<small>not comparable</small>'}"
                   "</td></tr>" for sl, k, b in bench]

@@ -122,14 +122,77 @@ def length_grouped_order(lengths, batch_size: int, rng: np.random.RandomState, m
     return [int(j) for b in range(0, len(perm), size) for j in sorted(perm[b:b + size], key=lambda j: -lengths[j])]
 
 
+def train_step(top: TopBlocks, opt, batch: list[dict], f: list[torch.Tensor], selector, k: int, loss_on: str,
+               log: dict) -> None:
+    """One optimizer step on a candidate batch with trunk outputs ``f``: score (a forward pass without gradients over
+    all candidates, for max-loss and UDS), pick ``k`` (all for ``selector=None``), back-propagate them; updates ``log``."""
+    if selector is None:  # full data: every example of the batch
+        idx = torch.arange(len(batch))
+    elif selector.needs is None:
+        idx = selector.select(None, k, batch_size=len(batch))
+    else:  # one forward pass without gradients over all candidates, then score
+        with torch.no_grad():
+            if selector.needs == "hidden":  # UDS: scores of the logits hidden @ head.T, computed exactly
+                idx = selector.select_hidden(top.sequence_hidden(f), top.head, k)
+            else:
+                logits, targets, mask = top.response_logits(f, batch, loss_on)
+                idx = selector.select(logits, k, per_example_loss(logits, targets, mask))
+        log["fwd_tokens"] += sum(len(ex["ids"]) for ex in batch)
+    chosen = [batch[i] for i in idx.tolist()]
+    logits, targets, mask = top.response_logits([f[i] for i in idx.tolist()], chosen, loss_on)
+    nll = nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (k, A)
+    loss = (nll * mask).sum() / mask.sum()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    log["fwd_tokens"] += sum(len(ex["ids"]) for ex in chosen)
+    log["bwd_tokens"] += sum(len(ex["ids"]) for ex in chosen)
+    log["loss"].append(loss.item())
+    log["selected"] += [(ex["task"], ex["noisy"], ex["uid"]) for ex in chosen]
+
+
+def time_real_steps(model, pool: list[dict], selectors: dict, n_blocks: int, batch_size: int, k: int, lr: float,
+                    seed: int, n_steps: int, group_by_length: bool = True, loss_on: str = "sequence") -> dict:
+    """Wall time of ``n_steps`` real training steps per arm, the frozen trunk included: for each of the first
+    ``n_steps`` candidate batches (the order of :func:`train_arm` with ``seed``), every arm of ``selectors``
+    ({name: selector or None for full data}, each with its own fresh :class:`TopBlocks` and AdamW) runs the trunk's
+    forward over all B candidates (no cache, as a real run does) and then its step; the arms are interleaved batch by
+    batch, so a change of load on a shared machine hits them alike. Returns {name: [seconds per step]} and, under
+    ``"_tops"``, the trained blocks (for tests)."""
+    rng = np.random.RandomState(seed)
+    lengths = [len(ex["ids"]) for ex in pool]
+    order = length_grouped_order(lengths, batch_size, rng) if group_by_length else rng.permutation(len(pool))
+    arms = {}
+    for name in selectors:
+        torch.manual_seed(seed)
+        top = TopBlocks(model, n_blocks)
+        arms[name] = (top, torch.optim.AdamW(top.parameters(), lr=lr, weight_decay=0.0))
+    log = {"selected": [], "loss": [], "fwd_tokens": 0, "bwd_tokens": 0}
+    secs = {name: [] for name in selectors}
+    for b in range(0, min(n_steps * batch_size, len(order) - batch_size + 1), batch_size):
+        batch = [pool[i] for i in order[b:b + batch_size]]
+        for name, selector in selectors.items():
+            top, opt = arms[name]
+            start = time.perf_counter()
+            feats = trunk_features(model, batch, n_blocks, batch_size=len(batch))  # the real step's trunk forward
+            train_step(top, opt, batch, [feats[ex.get("key", i)] for i, ex in enumerate(batch)], selector, k,
+                       loss_on, log)
+            secs[name].append(time.perf_counter() - start)
+    secs["_tops"] = {name: arms[name][0].eval() for name in selectors}
+    return secs
+
+
 def train_arm(model, feats: dict, pool: list[dict], selector, n_blocks: int, epochs: int, batch_size: int, k: int,
-              lr: float, seed: int, group_by_length: bool = True, progress=None, loss_on: str = "response"):
+              lr: float, seed: int, group_by_length: bool = True, progress=None, loss_on: str = "response",
+              on_epoch=None):
     """Fine-tune a fresh :class:`TopBlocks` over ``epochs`` passes of candidate batches of ``batch_size`` (same order
     for every arm, from ``seed``), back-propagating the ``k`` examples picked by ``selector`` (all of them if None).
 
     With ``group_by_length`` the candidate batches hold examples of similar length (:func:`length_grouped_order`).
     ``loss_on`` ("response" | "sequence") sets the tokens of the SFT loss (a token mean over the back-propagated
     examples, as the Hugging Face loss of the official trainer) and of max-loss's per-example score.
+    ``on_epoch(epoch, top)`` is called after every pass (e.g. a learning-curve evaluation; ``top`` is left in train
+    mode afterwards).
     Returns (top, log) with the selected examples' tasks/noise flags, counted forward/backward tokens, the tokens of
     all candidates (which every arm of a real run forwards through the frozen trunk) and wall time."""
     torch.manual_seed(seed)
@@ -139,37 +202,18 @@ def train_arm(model, feats: dict, pool: list[dict], selector, n_blocks: int, epo
     log = {"selected": [], "loss": [], "fwd_tokens": 0, "bwd_tokens": 0, "candidate_tokens": 0}
     t0 = time.perf_counter()
     lengths = [len(ex["ids"]) for ex in pool]
-    for _ in range(epochs):
+    for epoch in range(epochs):
         order = length_grouped_order(lengths, batch_size, rng) if group_by_length else rng.permutation(len(pool))
         for b in range(0, len(order) - batch_size + 1, batch_size):
             batch = [pool[i] for i in order[b:b + batch_size]]
             f = [feats[ex["key"]] for ex in batch]
             log["candidate_tokens"] += sum(len(ex["ids"]) for ex in batch)  # what a real run forwards through the trunk
-            if selector is None:  # full data: every example of the batch
-                idx = torch.arange(len(batch))
-            elif selector.needs is None:
-                idx = selector.select(None, k, batch_size=len(batch))
-            else:  # one forward pass without gradients over all candidates, then score
-                with torch.no_grad():
-                    if selector.needs == "hidden":  # UDS: scores of the logits hidden @ head.T, computed exactly
-                        idx = selector.select_hidden(top.sequence_hidden(f), top.head, k)
-                    else:
-                        logits, targets, mask = top.response_logits(f, batch, loss_on)
-                        idx = selector.select(logits, k, per_example_loss(logits, targets, mask))
-                log["fwd_tokens"] += sum(len(ex["ids"]) for ex in batch)
-            chosen = [batch[i] for i in idx.tolist()]
-            logits, targets, mask = top.response_logits([f[i] for i in idx.tolist()], chosen, loss_on)
-            nll = nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (k, A)
-            loss = (nll * mask).sum() / mask.sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            log["fwd_tokens"] += sum(len(ex["ids"]) for ex in chosen)
-            log["bwd_tokens"] += sum(len(ex["ids"]) for ex in chosen)
-            log["loss"].append(loss.item())
-            log["selected"] += [(ex["task"], ex["noisy"], ex["uid"]) for ex in chosen]
+            train_step(top, opt, batch, f, selector, k, loss_on, log)
             if progress is not None:
                 progress.update(1)
+        if on_epoch is not None:
+            on_epoch(epoch + 1, top.eval())
+            top.train()
     log["wall_s"] = time.perf_counter() - t0
     return top.eval(), log
 
