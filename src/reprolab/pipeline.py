@@ -199,10 +199,11 @@ def build(params: dict | None = None) -> dict:
                        "outs": ["models/tiny-llama-256"]},
         "offsite_emulator": {"cmd": f"{PY} -m reprolab.lm.offsite_emulator",
                              "deps": ["src/reprolab/lm/offsite_emulator.py", "src/reprolab/lm/offsite.py",
-                                      "models/smollm2-135m", "data/text/britannica.txt"],
+                                      "src/reprolab/lm/__init__.py", "models/smollm2-135m", "data/text"],
+                             # the stage reads the section merged with the quick profile: the profiles are a param too
                              "params": [f"offsite_tuning.{k}" for k in ("emulator", "model", "distill_text", "l_pad",
                                                                         "r_pad", "n_student", "lm_weight", "kd_weight",
-                                                                        "seed")],
+                                                                        "seed", "profiles")],
                              "outs": ["models/offsite-emulator"]},
     }
     for slug in params["papers"]:
