@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import ast
 
-import numpy as np
 
 from . import PYCODE_DIR, _need
-from .textcls import AUTHORS, text_snippets
+from .textcls import AUTHORS, balanced_split, text_snippets
 
 LABEL_NAMES = ("shakespeare", "python_docs")
 
@@ -50,20 +49,6 @@ def shakespeare_vs_pydoc_task(n_train: int, n_test: int, seed: int, min_words: i
     As ``textcls.authorship_task``: each class draws ``n_train // 2 + n_test // 2`` snippets without replacement from
     its pool; the first ``n_train // 2`` go to train, the rest to test (disjoint); order shuffled by ``seed``.
     """
-    rng = np.random.default_rng(seed)
     pools = {0: [s for n in AUTHORS[0] for s in text_snippets(n, min_words, lines_per_example)],
              1: pydoc_snippets(min_words, lines_per_example)}
-    tr, te = [], []
-    for label, pool in pools.items():
-        n_tr, n_te = n_train // 2, n_test // 2
-        if n_tr + n_te > len(pool):
-            raise ValueError(f"shakespeare_vs_pydoc_task: asked for {n_tr + n_te} snippets of label {label}, "
-                             f"only {len(pool)}")
-        idx = rng.choice(len(pool), size=n_tr + n_te, replace=False)
-        tr += [(pool[i], label) for i in idx[:n_tr]]
-        te += [(pool[i], label) for i in idx[n_tr:]]
-    out = []
-    for split in (tr, te):
-        order = rng.permutation(len(split))
-        out += [[split[i][0] for i in order], np.array([split[i][1] for i in order], dtype=np.int64)]
-    return tuple(out)
+    return balanced_split(pools, n_train, n_test, seed, "shakespeare_vs_pydoc_task")

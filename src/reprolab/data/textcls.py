@@ -36,13 +36,21 @@ def authorship_task(n_train: int, n_test: int, seed: int, min_words: int = 5, li
     Each class draws ``(n_train + n_test) // 2`` snippets without replacement from its pooled texts; the first
     ``n_train // 2`` of each class go to train, the rest to test (disjoint). Order is shuffled by ``seed``.
     """
+    pools = {label: [s for n in names for s in text_snippets(n, min_words, lines_per_example)]
+             for label, names in AUTHORS.items()}
+    return balanced_split(pools, n_train, n_test, seed, "authorship_task")
+
+
+def balanced_split(pools: dict[int, list[str]], n_train: int, n_test: int, seed: int, task: str):
+    """``(train_texts, train_y, test_texts, test_y)`` from one pool of snippets per label: each label draws
+    ``n_train // 2 + n_test // 2`` snippets without replacement (rng ``seed``), the first ``n_train // 2`` to train, the
+    rest to test (disjoint); each split is shuffled. ``task`` names the caller in the error for a too-small pool."""
     rng = np.random.default_rng(seed)
     tr, te = [], []
-    for label, names in AUTHORS.items():
-        pool = [s for n in names for s in text_snippets(n, min_words, lines_per_example)]
+    for label, pool in pools.items():
         n_tr, n_te = n_train // 2, n_test // 2
         if n_tr + n_te > len(pool):
-            raise ValueError(f"authorship_task: asked for {n_tr + n_te} snippets of label {label}, only {len(pool)}")
+            raise ValueError(f"{task}: asked for {n_tr + n_te} snippets of label {label}, only {len(pool)}")
         idx = rng.choice(len(pool), size=n_tr + n_te, replace=False)
         tr += [(pool[i], label) for i in idx[:n_tr]]
         te += [(pool[i], label) for i in idx[n_tr:]]

@@ -226,11 +226,9 @@ def lara_scores(explainer: LaraExplainer, g, X, nodes, players: dict[int, torch.
     return {int(t): hp[players[int(t)]] @ hw[int(t)] for t in nodes}
 
 
-def gnnexplainer_scores(model: nn.Module, g, X, t: int, players: torch.Tensor, *, n_layers: int, epochs: int,
-                        lr: float) -> torch.Tensor:
-    """``dgl.nn.GNNExplainer`` edge mask for node ``t``; a player's score is the max mask over its edges."""
-    exp = GNNExplainer(model, num_hops=n_layers, lr=lr, num_epochs=epochs, log=False)
-    _, sg, _, edge_mask = exp.explain_node(int(t), g, X)
+def _player_scores_from_edge_mask(g, sg, edge_mask: torch.Tensor, players: torch.Tensor) -> torch.Tensor:
+    """A player's score from an edge mask on the subgraph ``sg`` of ``g``: the max mask over its incident edges (0 for
+    players outside ``sg``)."""
     u, v = sg.edges()
     node_score = torch.zeros(sg.num_nodes())
     node_score = node_score.scatter_reduce(0, u.long(), edge_mask, reduce="amax")
@@ -238,6 +236,14 @@ def gnnexplainer_scores(model: nn.Module, g, X, t: int, players: torch.Tensor, *
     lookup = torch.zeros(g.num_nodes())
     lookup[sg.ndata[dgl.NID].long()] = node_score
     return lookup[players]
+
+
+def gnnexplainer_scores(model: nn.Module, g, X, t: int, players: torch.Tensor, *, n_layers: int, epochs: int,
+                        lr: float) -> torch.Tensor:
+    """``dgl.nn.GNNExplainer`` edge mask for node ``t``; a player's score is the max mask over its edges."""
+    exp = GNNExplainer(model, num_hops=n_layers, lr=lr, num_epochs=epochs, log=False)
+    _, sg, _, edge_mask = exp.explain_node(int(t), g, X)
+    return _player_scores_from_edge_mask(g, sg, edge_mask, players)
 
 
 def train_pgexplainer(model: nn.Module, g, X, nodes, *, n_layers: int, hidden: int, epochs: int, lr: float,
@@ -278,13 +284,7 @@ def pgexplainer_scores(exp: PGExplainer, g, X, t: int, players: torch.Tensor, te
     """The trained PGExplainer's edge mask on the ``num_hops`` in-subgraph of ``t``; a player's score is the max mask
     over its edges (as for GNNExplainer)."""
     _, edge_mask, sg, _ = exp.explain_node(int(t), g, X, temperature)
-    u, v = sg.edges()
-    node_score = torch.zeros(sg.num_nodes())
-    node_score = node_score.scatter_reduce(0, u.long(), edge_mask, reduce="amax")
-    node_score = node_score.scatter_reduce(0, v.long(), edge_mask, reduce="amax")
-    lookup = torch.zeros(g.num_nodes())
-    lookup[sg.ndata[dgl.NID].long()] = node_score
-    return lookup[players]
+    return _player_scores_from_edge_mask(g, sg, edge_mask, players)
 
 
 def saliency_scores(model: nn.Module, g, X, t: int, players: torch.Tensor, *, n_layers: int) -> torch.Tensor:
