@@ -41,7 +41,8 @@ def _child(lines, queue):
 def test_static_closure_covers_runtime_imports():
     import importlib
 
-    for heavy in ("torch", "dgl", "transformers", "opacus", "peft", "sklearn", "pandas", "matplotlib.pyplot", "scipy.sparse"):
+    # tblite first: its C extension needs a newer libgomp than the one torch 2.2.1 loads (RESOURCES.md 4b)
+    for heavy in ("tblite.interface", "torch", "dgl", "transformers", "opacus", "peft", "sklearn", "pandas", "matplotlib.pyplot", "scipy.sparse"):
         importlib.import_module(heavy)  # third-party imports once, before forking
 
     ctx = mp.get_context("fork")
@@ -68,7 +69,7 @@ def test_deps_exist_and_name_the_notebook(slug):
     deps = paper_deps(slug, PARAMS)
     assert deps[0] == f"notebooks/{slug}.ipynb"
     for d in deps:
-        assert (REPO_ROOT / d).exists() or d.startswith("models/"), d
+        assert (REPO_ROOT / d).exists() or d.startswith(("models/", "generated/")), d  # made by DVC stages
 
 
 def test_stage_commands_work_without_an_activated_venv():

@@ -8,8 +8,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from reprolab.lm.self_extend import (grouped_positions, heldout_perplexity, heldout_windows, rope_scaled,
-                                     self_extend_relative_positions, self_extended)
+from reprolab.lm.self_extend import (exact_binomial_ci, grouped_positions, heldout_perplexity, heldout_windows,
+                                     learns_text_checkpoints, rope_scaled, self_extend_relative_positions,
+                                     self_extended)
 from reprolab.lm.tiny_llama import ANSWER, passkey_correct, passkey_example
 
 
@@ -177,6 +178,81 @@ def test_pool_checkpoints_admits_by_in_length_accuracy():
     assert pool_checkpoints({"seed0": 0.2, "seed4": 0.0}, 0.8) == ([], ["seed0", "seed4"])  # none: all, the gate fails
 
 
+def test_admission_admits_exactly_the_checkpoints_whose_gate_value_passes():
+    """Every declared checkpoint whose mean in-length accuracy is >= the bar is admitted, and no other: checked against
+    a naive comparison on per-seed accuracies drawn like real ones (k correct of n prompts), ties at the bar included
+    (a mean of values exactly at the bar can round below it in floating point)."""
+    from reprolab.lm.self_extend import pool_checkpoints
+
+    rng = np.random.default_rng(0)
+    n_prompts, th = 20, 0.8
+    for trial in range(200):
+        k = rng.integers(1, 8)  # declared checkpoints
+        acc = {f"seed{i}": [int(c) / n_prompts for c in rng.choice([0, 3, 15, 16, 17, 19, 20], size=3)]
+               for i in range(k)}
+        if trial % 5 == 0:  # exactly at the bar on every seed
+            acc["seed0"] = [0.8, 0.8, 0.8]
+        means = {c: float(np.mean(v)) for c, v in acc.items()}
+        admitted, pooled = pool_checkpoints(means, th)
+        naive = [c for c in acc if sum(round(a * n_prompts) for a in acc[c]) >= th * n_prompts * len(acc[c])]
+        assert admitted == naive  # same order as declared
+        assert pooled == (naive or list(acc))
+        if trial % 5 == 0:
+            assert "seed0" in admitted
+
+
+def test_retrieving_per_seed_counts_checkpoints_at_the_bar():
+    from reprolab.lm.self_extend import retrieving_per_seed
+
+    acc = {"seed0": [1.0, 0.75, 0.8], "seed1": [0.0, 0.0, 0.85], "seed2": [0.95, 0.8, 0.1]}
+    assert retrieving_per_seed(acc, 0.8) == [2, 1, 2]  # naive count per seed, 0.8 counts
+    assert retrieving_per_seed({"a": [0.2, 0.3]}, 0.8) == [0, 0]
+    with pytest.raises(ValueError):
+        retrieving_per_seed({"a": [1.0, 1.0], "b": [1.0]}, 0.8)
+
+
+def test_enough_checkpoints_gate_reads_not_testable_below_the_share():
+    """The registry gate on the share of retrieving checkpoints: 2 of 7 on every seed passes 0.25, 1 of 7 fails
+    (the passkey claims then read not testable here), a mix straddles (inconclusive)."""
+    from reprolab.claims import Verdicts
+    from reprolab.config import load_params
+
+    cfg = load_params("self_extend", "quick")
+    assert cfg["min_retrieving_share"] == 0.25 and len(cfg["pretrain"]["seeds"]) == 7
+    status = {}
+    for name, counts in (("two", [2, 2, 2]), ("one", [1, 1, 1]), ("mixed", [1, 3, 2])):
+        v = Verdicts("self_extend", cfg)
+        status[name] = v.gate("enough_checkpoints_retrieve", [n / 7 for n in counts])["status"]
+        v.gate("retrieves_in_length", [1.0, 1.0, 0.95])
+        v.gate("learns_text", [2.0, 2.1, 2.2], [4.0, 4.0, 4.0])
+        for cid, vals in (("passkey_beyond_context", [0.95, 0.9, 0.92]), ("vanilla_fails_beyond_context", [0.0, 0.05, 0.0])):
+            v.claim(cid, vals)
+        v.claim("ppl_flat_beyond_context", [2.0, 2.1, 2.2], [2.0, 2.0, 2.1])
+        verdict = v.finalize()["claims"]["passkey_beyond_context"]["verdict"]
+        status[name] = (status[name], verdict)
+    assert status == {"two": ("passed", "held"), "one": ("failed", "not testable here"),
+                      "mixed": ("uncertain", "inconclusive")}
+
+
+def test_tiny_llama_cli_trains_only_the_given_seeds(tmp_path, monkeypatch):
+    """--seeds k replaces only seed<k>/ (the other checkpoints stay) and refuses seeds outside pretrain.seeds."""
+    from reprolab.lm import tiny_llama
+
+    small = dict(context=128, hidden=16, layers=1, heads=2, intermediate=32, steps=2, batch=2, lr=3e-3, warmup=2,
+                 weight_decay=0.1, passkey_fraction=0.5, passkey_min_len=0, heldout_fraction=0.1, rope_theta=10000.0,
+                 seed=0, seeds=[3, 4], threads=1)
+    monkeypatch.setattr("reprolab.config.load_params", lambda paper, profile: {"pretrain": dict(small)})
+    out = tmp_path / "tiny"
+    (out / "seed9").mkdir(parents=True)
+    (out / "seed9" / "keep").write_text("x")
+    tiny_llama.main(["--out", str(out), "--seeds", "4"])
+    assert sorted(p.name for p in out.iterdir()) == ["seed4", "seed9"]
+    assert json.loads((out / "seed4" / "pretrain.json").read_text())["pretrain"]["seed"] == 4
+    assert not list(tmp_path.glob("*.partial"))
+    with pytest.raises(SystemExit):
+        tiny_llama.main(["--out", str(out), "--seeds", "5"])
+
+
 def test_tiny_llama_checkpoints_do_not_depend_on_the_other_seeds(tmp_path, monkeypatch):
     """The stage trains one checkpoint per pre-training seed; each must equal a lone run of that seed."""
     from reprolab.lm import tiny_llama
@@ -192,3 +268,22 @@ def test_tiny_llama_checkpoints_do_not_depend_on_the_other_seeds(tmp_path, monke
     assert a != (tmp_path / "b" / "seed7" / "model.safetensors").read_bytes()
     info = json.loads((tmp_path / "b" / "seed7" / "pretrain.json").read_text())
     assert info["pretrain"]["seed"] == 7 and 0.0 <= info["passkey_acc_in_length"] <= 1.0
+
+
+def test_exact_binomial_ci_matches_beta_quantiles_and_the_review_numbers():
+    from scipy.stats import beta
+
+    for k, n in [(57, 60), (19, 20), (0, 20), (20, 20), (3, 10)]:
+        lo = 0.0 if k == 0 else beta.ppf(0.025, k, n - k + 1)  # Clopper-Pearson from the beta distribution
+        hi = 1.0 if k == n else beta.ppf(0.975, k + 1, n - k)
+        assert exact_binomial_ci(k, n) == pytest.approx([lo, hi], abs=1e-9)
+    assert [round(v, 3) for v in exact_binomial_ci(57, 60)] == [0.861, 0.990]
+    assert [round(v, 3) for v in exact_binomial_ci(19, 20)] == [0.751, 0.999]
+
+
+def test_learns_text_checkpoints_pass_only_below_the_unigram_on_every_seed():
+    ref = [10.0, 20.0]
+    passing, pooled = learns_text_checkpoints({"a": [5.0, 5.0], "b": [5.0, 20.0], "c": [9.9, 19.9]}, ref)
+    assert passing == ["a", "c"] and pooled == ["a", "c"]
+    passing, pooled = learns_text_checkpoints({"a": [11.0, 5.0], "b": [10.0, 25.0]}, ref)
+    assert passing == [] and pooled == ["a", "b"]

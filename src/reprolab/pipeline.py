@@ -44,6 +44,7 @@ DATA_FILES = {
     "shakespeare": ["data/text/hamlet.txt", "data/text/tempest.txt", "data/text/macbeth.txt"],
     "milton": ["data/text/paradise_lost.txt", "data/text/areopagitica.txt"],
     "ml100k_kg": ["data/ml100k_kg"],
+    "md_forcefield": ["generated/md-forcefield"],
     "ml100k": ["data/ml100k"],
     "adult": ["data/adult"],
     "kinships": ["data/kg/kinships"],
@@ -205,6 +206,10 @@ def build(params: dict | None = None) -> dict:
                                                                         "r_pad", "n_student", "lm_weight", "kd_weight",
                                                                         "seed", "profiles")],
                              "outs": ["models/offsite-emulator"]},
+        "md_forcefield": {"cmd": f"{PY} -m reprolab.equivariant.md_data",
+                          "deps": ["src/reprolab/equivariant/md_data.py"],
+                          "params": ["ponita.md"],
+                          "outs": ["generated/md-forcefield"]},
     }
     for slug in params["papers"]:
         stages[slug] = {

@@ -229,9 +229,46 @@ def heldout_perplexity(model: nn.Module, tok, text: str, length: int, n_windows:
     return perplexity(model, ids.to(next(model.parameters()).device), length)
 
 
+def passes_bar(value: float, threshold: float) -> bool:
+    """``value >= threshold`` as the verdict machinery decides it (``reprolab.claims.side``: bounds within relative 1e-9
+    of the threshold count as equal), so that a mean of values exactly at the bar is admitted."""
+    from ..claims import side
+
+    return side(float(value), float(value), ">=", float(threshold)) == "pass"
+
+
 def pool_checkpoints(in_length: dict, threshold: float) -> tuple[list, list]:
-    """(admitted, pooled) pre-training checkpoints: those whose in-length passkey accuracy (vanilla RoPE at the trained
-    length, mean over evaluation seeds) is >= ``threshold`` are admitted, in the given order; the claims pool the
-    admitted ones, or every checkpoint when none is admitted (then the in-length gate is computed over all and fails)."""
-    admitted = [c for c, acc in in_length.items() if acc >= threshold]
+    """(admitted, pooled) pre-training checkpoints: every checkpoint whose in-length passkey accuracy (vanilla RoPE at
+    the trained length, mean over evaluation seeds) passes the bar ``>= threshold`` is admitted, in the given order;
+    none is left out for any other reason. The claims pool the admitted ones, or every checkpoint when none is admitted
+    (then the in-length gate is computed over all and fails)."""
+    admitted = [c for c, acc in in_length.items() if passes_bar(acc, threshold)]
     return admitted, (admitted or list(in_length))
+
+
+def retrieving_per_seed(acc: dict, threshold: float) -> list[int]:
+    """How many checkpoints retrieve in length, per evaluation seed: ``acc`` maps checkpoint -> [in-length passkey
+    accuracy per evaluation seed] (same seed order for all); a checkpoint counts on a seed when its accuracy on that
+    seed passes ``>= threshold``; divided by the number of checkpoints, the values of the gate
+    ``enough_checkpoints_retrieve`` (one per evaluation seed)."""
+    rows = list(acc.values())
+    if not rows or len({len(r) for r in rows}) != 1:
+        raise ValueError("retrieving_per_seed: one accuracy per evaluation seed for every checkpoint")
+    return [sum(passes_bar(r[i], threshold) for r in rows) for i in range(len(rows[0]))]
+
+
+def learns_text_checkpoints(ppl_1x: dict, reference: list) -> tuple[list, list]:
+    """(passing, pooled) checkpoints for the perplexity claim: ``ppl_1x`` maps checkpoint -> [vanilla held-out perplexity
+    at the trained length per evaluation seed], ``reference`` the unigram perplexity on the same windows per seed; a
+    checkpoint passes when its ratio is < 1 on every evaluation seed (the gate ``learns_text``'s bar), in the given
+    order. The claim pools the passing ones, or every checkpoint when none passes (then the gate fails)."""
+    passing = [c for c, p in ppl_1x.items() if len(p) == len(reference) and all(a / b < 1.0 for a, b in zip(p, reference))]
+    return passing, (passing or list(ppl_1x))
+
+
+def exact_binomial_ci(k: int, n: int, level: float = 0.95) -> list[float]:
+    """Clopper-Pearson (exact) interval of a binomial proportion k / n (``scipy.stats.binomtest(...).proportion_ci``)."""
+    from scipy.stats import binomtest
+
+    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=level, method="exact")
+    return [float(ci.low), float(ci.high)]

@@ -1,10 +1,14 @@
 """A tiny byte-level Llama pre-trained from scratch at a short context, for the long-context papers (Self-Extend).
 
-``python -m reprolab.lm.tiny_llama`` trains it deterministically (CPU, about 5 minutes on 2 free cores; under
-heavy contention set ``OMP_WAIT_POLICY=PASSIVE``, which changes no result) with the ``pretrain:``
-parameters of the ``self_extend`` section of params.yaml and writes one checkpoint per pre-training seed of
-``pretrain.seeds``, ``models/tiny-llama-<context>/seed<k>/`` (the whole folder via a ``.partial`` folder renamed at the
-end): a transformers ``LlamaForCausalLM`` plus ``pretrain.json`` (with the in-length passkey accuracy) each.
+``python -m reprolab.lm.tiny_llama`` trains it deterministically (CPU, with the ``pretrain:`` parameters of the
+``self_extend`` section of params.yaml) and writes one checkpoint per pre-training seed of ``pretrain.seeds``,
+``models/tiny-llama-<context>/seed<k>/`` (the whole folder via a ``.partial`` folder renamed at the end): a
+transformers ``LlamaForCausalLM`` plus ``pretrain.json`` (with the in-length passkey accuracy) each. ``--seeds k ...``
+trains only those seeds and replaces only their folders (the same files: a checkpoint depends on its seed alone).
+Cost: about 5 minutes per checkpoint on 2 free cores; on a shared machine far more (measured 1.7 CPU-s per step,
+i.e. ~55 CPU-minutes for 2000 steps, with the 2 training threads competing with ~8 other runnable threads): train one
+seed at a time (two 2-thread runs on 2 cores slow each other down several-fold); ``OMP_WAIT_POLICY=PASSIVE`` changes
+no result.
 
 Tokenizer: bytes (vocabulary 256) of whitespace-normalised ASCII text, so that every digit is one token.
 Training data (labelled as generated where it is): random windows of the shipped public-domain texts
@@ -251,12 +255,31 @@ def main(argv=None) -> Path:
     ap.add_argument("--paper", default="self_extend", help="params.yaml section whose `pretrain:` key is used")
     ap.add_argument("--profile", default="quick")
     ap.add_argument("--out", default="", help="output folder (default models/tiny-llama-<context>)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="train only these seeds of pretrain.seeds and replace only their seed<k>/ folders (the others "
+                         "are kept); default: every seed of pretrain.seeds, replacing the whole output folder (the "
+                         "DVC stage). Each checkpoint depends on its seed alone, so both give the same files")
     args = ap.parse_args(argv)
     cfg = dict(load_params(args.paper, args.profile)["pretrain"])
     torch.set_num_threads(cfg.pop("threads"))  # fixed: the float summation order, hence the weights, depend on it
     seeds = cfg.pop("seeds")
     cfg.pop("seed")  # the inline (smoke) pre-training seed
     out = Path(args.out) if args.out else MODELS_DIR / f"tiny-llama-{cfg['context']}"
+    if args.seeds is not None:
+        unknown = sorted(set(args.seeds) - set(seeds))
+        if unknown:
+            raise SystemExit(f"--seeds {unknown} not in pretrain.seeds {seeds}")
+        out.mkdir(parents=True, exist_ok=True)
+        for seed in args.seeds:  # one checkpoint at a time, each via its own .partial folder beside `out`
+            staging = out.with_name(f"{out.name}.seed{seed}.partial")
+            shutil.rmtree(staging, ignore_errors=True)
+            t0 = time.perf_counter()
+            acc = pretrain_checkpoint(cfg, seed, staging)
+            print(f"seed {seed}: {time.perf_counter() - t0:.0f} s, in-length passkey accuracy {acc:.2f}")
+            shutil.rmtree(out / f"seed{seed}", ignore_errors=True)
+            staging.rename(out / f"seed{seed}")
+        print(f"wrote {', '.join(f'seed{k}' for k in args.seeds)} in {out}")
+        return out
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     for seed in seeds:  # each checkpoint starts from torch.manual_seed(seed): independent of the others and the order

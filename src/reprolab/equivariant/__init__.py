@@ -1,0 +1,1 @@
+"""Equivariant networks: SO(3) tensor products, equivariant potentials and their checks."""

@@ -1,0 +1,1 @@
+"""Sensing papers (CrossFi): few-shot cross-domain recognition on sensing time series."""

@@ -1,0 +1,7 @@
+"""Session-wide test setup.
+
+tblite's C extension (GFN2-xTB labels, reprolab.equivariant.md_data) needs GOMP_5.0, which the libgomp bundled with
+torch 2.2.1 lacks: whichever loads first wins, so every test process loads tblite before anything imports torch
+(RESOURCES.md 4b). Without it, a test that imports the notebooks' modules after torch fails on import order alone.
+"""
+import tblite.interface  # noqa: F401  (must precede torch)
