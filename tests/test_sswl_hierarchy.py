@@ -156,6 +156,26 @@ def test_cut_vertex_dataset_is_cubic_and_wl_hard():
         assert bool(list(nx.articulation_points(g))) == bool(lab)
 
 
+def test_cut_vertex_dataset_is_distance_matched():
+    """After the review: per size, the classes have the same multiset of diameters (pairwise matching), and the
+    distance profiles are computed correctly (naive Floyd-Warshall on the adjacency matrix, clamped at max_dis)."""
+    graphs, y = W.cubic_cut_vertex(24, (14, 18), seed=1)
+    for n in (14, 18):
+        d = {lab: sorted(nx.diameter(g) for g, l in zip(graphs, y) if l == lab and g.number_of_nodes() == n)
+             for lab in (0, 1)}
+        assert d[0] == d[1]
+    g = graphs[3]
+    A = nx.to_numpy_array(g, nodelist=sorted(g))
+    n = len(A)
+    D = np.where(A > 0, 1.0, np.inf)
+    np.fill_diagonal(D, 0)
+    for k in range(n):
+        D = np.minimum(D, D[:, k:k + 1] + D[k:k + 1, :])
+    rows = np.array([np.bincount(np.minimum(D[u], 5).astype(int), minlength=6) for u in range(n)])
+    assert np.array_equal(W.node_distance_profiles(g, 5), rows[np.lexsort(rows.T[::-1])])
+    assert np.array_equal(W.clamped_distance_histogram(g, 5), rows.sum(0))
+
+
 def test_dense_aggregations_match_loops():
     g = nx.gnp_random_graph(6, 0.5, seed=4)
     A = torch.tensor(graph_arrays(g)["A"], dtype=torch.float64)[None]

@@ -241,15 +241,158 @@ def cubic_with_cut_vertex(n: int, rng: np.random.Generator) -> nx.Graph:
     return h
 
 
-def cubic_cut_vertex(n_graphs: int, sizes=(14, 18), seed: int = 0) -> tuple[list[nx.Graph], np.ndarray]:
-    """Balanced dataset: connected cubic graphs, label 1 iff the graph has a cut vertex (same size mix per class)."""
+def _cubic_minus_edge(m: int, rng: np.random.Generator) -> tuple[nx.Graph, tuple[int, int]]:
+    g = _random_cubic(m, rng)
+    a, b = sorted(g.edges)[int(rng.integers(g.number_of_edges()))]
+    g.remove_edge(a, b)
+    return g, (a, b)
+
+
+def _gadget_sizes(total: int, rng: np.random.Generator) -> tuple[int, int]:
+    """Two even cubic-gadget sizes >= 4 summing to ``total`` (uniform over the admissible first sizes)."""
+    firsts = [p for p in range(4, total - 3, 2)]
+    p = int(rng.choice(firsts))
+    return p, total - p
+
+
+def bridged_cubic(n: int, rng: np.random.Generator) -> nx.Graph:
+    """Label 1: two biconnected cubic gadgets of random even sizes p + q = n - 2, one edge (a, b) of each replaced by
+    a - c - b, joined by the bridge c1 - c2 (connected cubic, the bridge ends are cut vertices)."""
+    p, q = _gadget_sizes(n - 2, rng)
+    (A, (a, b)), (B, (c, d)) = _cubic_minus_edge(p, rng), _cubic_minus_edge(q, rng)
+    h = nx.disjoint_union(A, B)
+    s, t = p + q, p + q + 1
+    h.add_edges_from([(a, s), (b, s), (p + c, t), (p + d, t), (s, t)])
+    return h
+
+
+def laddered_cubic(n: int, rng: np.random.Generator) -> nx.Graph:
+    """Label 0 candidates: two biconnected cubic gadgets minus one edge each, (a, b) and (c, d), joined through a
+    ladder of L in {0..4} rungs (a - x1 - ... - xL - c, b - y1 - ... - yL - d, xi - yi): connected cubic graphs with a
+    2-edge cut and the bridged graphs' elongated shape; kept only if biconnected (no cut vertex)."""
+    while True:
+        L = int(rng.integers(0, 5))
+        while n - 2 * L < 8:
+            L -= 1
+        p, q = _gadget_sizes(n - 2 * L, rng)
+        (A, (a, b)), (B, (c, d)) = _cubic_minus_edge(p, rng), _cubic_minus_edge(q, rng)
+        h = nx.disjoint_union(A, B)
+        x, y = a, b
+        for k in range(L):
+            u, v = p + q + 2 * k, p + q + 2 * k + 1
+            h.add_edges_from([(x, u), (y, v), (u, v)])
+            x, y = u, v
+        h.add_edges_from([(x, p + c), (y, p + d)])
+        if nx.is_biconnected(h):
+            return h
+
+
+def double_bridged_cubic(n: int, rng: np.random.Generator) -> nx.Graph:
+    """Label 0 candidates: two biconnected cubic gadgets of even sizes p + q = n - 4, two distinct edges of each
+    subdivided (c1, c1' in the first, c2, c2' in the second), joined by c1 - c2 and c1' - c2': the bridged graphs'
+    local shape (degree-2 subdivision nodes joined across) with a second crossing edge, hence no cut vertex."""
+    while True:
+        p, q = _gadget_sizes(n - 4, rng)
+        h = nx.Graph()
+        ends = []
+        for off, m in ((0, p), (p, q)):
+            g = nx.relabel_nodes(_random_cubic(m, rng), {v: off + v for v in range(m)})
+            e = sorted(g.edges)
+            i, j = rng.choice(len(e), 2, replace=False)
+            s = []
+            for k, (a, b) in enumerate((e[i], e[j])):
+                c = p + q + len(ends) * 2 + k
+                g.remove_edge(a, b)
+                g.add_edges_from([(a, c), (c, b)])
+                s.append(c)
+            ends.append(s)
+            h = nx.union(h, g)
+        h.add_edges_from([(ends[0][0], ends[1][0]), (ends[0][1], ends[1][1])])
+        if nx.is_biconnected(h) and all(d == 3 for _, d in h.degree):
+            return nx.convert_node_labels_to_integers(h, ordering="sorted")
+
+
+def swapped_cubic(g: nx.Graph, rng: np.random.Generator, tries: int = 40) -> list[nx.Graph]:
+    """Label 0 candidates from a label 1 graph: single degree-preserving double-edge swaps (u1, v1), (u2, v2) ->
+    (u1, v2), (u2, v1) of ``g`` (random edge pairs, ``tries`` draws) whose result is simple, cubic and biconnected:
+    near-twins of the bridged graph without a cut vertex."""
+    edges = sorted(g.edges)
+    out = []
+    for _ in range(tries):
+        i, j = rng.choice(len(edges), 2, replace=False)
+        (u1, v1), (u2, v2) = edges[i], edges[j]
+        if rng.random() < 0.5:
+            u2, v2 = v2, u2
+        if len({u1, v1, u2, v2}) < 4 or g.has_edge(u1, v2) or g.has_edge(u2, v1):
+            continue
+        h = g.copy()
+        h.remove_edges_from([(u1, v1), (u2, v2)])
+        h.add_edges_from([(u1, v2), (u2, v1)])
+        if nx.is_biconnected(h):
+            out.append(h)
+    return out
+
+
+def clamped_distance_histogram(g: nx.Graph, max_dis: int) -> np.ndarray:
+    """Counts of ordered node pairs (u, v) by min(d(u, v), max_dis) (the graph's clamped distance histogram)."""
+    return node_distance_profiles(g, max_dis).sum(0)
+
+
+def node_distance_profiles(g: nx.Graph, max_dis: int) -> np.ndarray:
+    """(n, max_dis + 1): per node u, the counts of v by min(d(u, v), max_dis), rows sorted lexicographically: the
+    multiset the 0-layer distance-encoding control pools (uG = sum over v of Embedding(d(u, v)), per u)."""
+    d = dict(nx.all_pairs_shortest_path_length(g))
+    rows = np.array([np.bincount([min(d[u].get(v, max_dis), max_dis) for v in g], minlength=max_dis + 1)
+                     for u in g])
+    return rows[np.lexsort(rows.T[::-1])]
+
+
+def cubic_cut_vertex(n_graphs: int, sizes=(14, 18), seed: int = 0, max_dis: int = 5,
+                     pool: int = 6) -> tuple[list[nx.Graph], np.ndarray]:
+    """Balanced dataset: connected cubic graphs, label 1 iff the graph has a cut vertex (same size mix per class).
+
+    Distance-matched (changed after the review, see the deviations). Per size, with k graphs per class: a pool of
+    ``pool`` x k positives (``bridged_cubic``, random gadget sizes) and of negatives (``pool`` x k ``laddered_cubic``,
+    ``pool`` x k ``double_bridged_cubic`` and the biconnected single-swap twins ``swapped_cubic`` of k positives);
+    then k (positive, negative) pairs are drawn greedily, closest remaining pair first, by the cost |diameter
+    difference| (first) and the L1 distance of the sorted per-node clamped distance profiles (``node_distance_profiles``,
+    max_dis: what the 0-layer distance-encoding control pools). Diameters are matched pair by pair; the profiles only
+    as far as the pools overlap (at n = 14 they do not: see the deviations). All graphs of one size are cubic, hence
+    1-WL-equivalent. Before the change, negatives were random biconnected cubic graphs (much smaller diameter).
+    """
     rng = np.random.default_rng(seed)
+    slots = [(sizes[(i // 2) % len(sizes)], i % 2) for i in range(n_graphs)]
+    chosen: dict[int, nx.Graph] = {}
+    for n in sizes:
+        pos_idx = [i for i, (m, y) in enumerate(slots) if m == n and y == 1]
+        neg_idx = [i for i, (m, y) in enumerate(slots) if m == n and y == 0]
+        k = len(pos_idx)
+        pcand = [bridged_cubic(n, rng) for _ in range(pool * k)]
+        cand = [laddered_cubic(n, rng) for _ in range(pool * k)]
+        cand += [double_bridged_cubic(n, rng) for _ in range(pool * k)]
+        for g in pcand[:k]:
+            cand += swapped_cubic(g, rng, tries=10)
+        ph = np.array([node_distance_profiles(g, max_dis).ravel() for g in pcand])
+        nh = np.array([node_distance_profiles(g, max_dis).ravel() for g in cand])
+        pd_ = np.array([nx.diameter(g) for g in pcand])
+        nd_ = np.array([nx.diameter(g) for g in cand])
+        # cost of pairing positive i with negative j: |diameter difference| first, then L1 distance of the sorted per-node profiles
+        cost = np.stack([np.abs(pd_[i] - nd_) * 10**6 + np.abs(nh - ph[i]).sum(1) for i in range(len(pcand))])
+        cost = cost.astype(np.float64)
+        pos, negs = [], []
+        for _ in range(k):  # greedy: the closest remaining pair (first in row-major order on ties)
+            i, j = np.unravel_index(int(np.argmin(cost)), cost.shape)
+            pos.append(pcand[i])
+            negs.append(cand[j])
+            cost[i, :] = np.inf
+            cost[:, j] = np.inf
+        assert len(neg_idx) == k
+        chosen.update(zip(pos_idx, pos))
+        chosen.update(zip(neg_idx, negs))
     graphs, labels = [], []
-    for i in range(n_graphs):
-        n = sizes[(i // 2) % len(sizes)]
-        y = i % 2
-        g = cubic_with_cut_vertex(n, rng) if y else _random_cubic(n, rng)
-        assert (len(list(nx.articulation_points(g))) > 0) == bool(y)
+    for i, (n, y) in enumerate(slots):
+        g = chosen[i]
+        assert (len(list(nx.articulation_points(g))) > 0) == bool(y) and all(d == 3 for _, d in g.degree)
         perm = rng.permutation(n)
         graphs.append(nx.relabel_nodes(g, dict(enumerate(perm.tolist()))))
         labels.append(y)
