@@ -9,12 +9,7 @@ from reprolab.sensing.crossfi import (PairScore, WeightNet, make_task, mk_mmd, o
                                       prototypes, train_arm, weighted_mse, weighted_templates)
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("heads", [1, 2, 4])

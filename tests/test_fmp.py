@@ -17,13 +17,7 @@ from reprolab.paths import REPO_ROOT  # noqa: E402
 
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    """Exact comparisons in double precision; restored afterwards so that other test modules are unaffected."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")  # tests/conftest.py
 
 
 def small_problem(n=14, C=3, seed=0):

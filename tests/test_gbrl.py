@@ -1,8 +1,6 @@
 """GBRL (arXiv 2407.08250): the tree fitter against a naive exhaustive search and against the gbrl library, the A2C
 output gradients against autograd, and the categorical Fetch environment's dynamics."""
 import itertools
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -189,9 +187,3 @@ def test_fetch_dynamics():
     oh = G.OneHot(G.CategoricalFetch(view=3)).observation(obs)
     assert oh.sum() == 10 and oh.shape == (10 * len(G.TOKENS),)
 
-
-def test_notebook_parameters_tag():
-    nb = json.loads((Path(__file__).resolve().parents[1] / "notebooks" / "gbrl.ipynb").read_text())
-    tagged = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
-    assert len(tagged) == 1
-    assert all(not c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code")

@@ -41,8 +41,7 @@ def _child(lines, queue):
 def test_static_closure_covers_runtime_imports():
     import importlib
 
-    # tblite first: its C extension needs a newer libgomp than the one torch 2.2.1 loads (RESOURCES.md 4b)
-    for heavy in ("tblite.interface", "torch", "dgl", "transformers", "opacus", "peft", "sklearn", "pandas", "matplotlib.pyplot", "scipy.sparse"):
+    for heavy in ("torch", "dgl", "transformers", "opacus", "peft", "sklearn", "pandas", "matplotlib.pyplot", "scipy.sparse"):
         importlib.import_module(heavy)  # third-party imports once, before forking
 
     ctx = mp.get_context("fork")

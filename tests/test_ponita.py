@@ -1,6 +1,5 @@
 """PONITA (arXiv 2310.02970): invariants, separable convolution, sphere grid, simulator and equivariance, each against an
 independent reference (naive loops, e3nn rotations, finite differences, the official simulator written as a loop)."""
-import json
 
 import numpy as np
 import pytest
@@ -10,16 +9,9 @@ from e3nn import o3
 from reprolab.equivariant import md_data
 from reprolab.equivariant.ponita import (EGNN, Ponita, SeparableFiberConv, charged_nbody, distances, energy_and_forces,
                                          equivariance_error, fibonacci_grid, r3s2_invariants)
-from reprolab.paths import REPO_ROOT
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")  # tests/conftest.py
 
 
 def test_invariants_match_naive_loop():
@@ -180,12 +172,6 @@ def test_fd_relative_errors_closed_form():
     err = md_data.fd_relative_errors({"F": F, "fd_index": np.array([0, 4]), "fd_forces": fd})
     assert np.allclose(err, [0.0, 0.1])
 
-
-def test_notebook_has_parameters_cell():
-    nb = json.loads((REPO_ROOT / "notebooks" / "ponita.ipynb").read_text())
-    tagged = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
-    assert len(tagged) == 1 and "profile" in "".join(tagged[0]["source"])
-    assert all(not c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code")
 
 
 @pytest.mark.parametrize("num_ori", [0, 6])

@@ -1,5 +1,4 @@
 """TDN (arXiv 2507.01131): the CP tensor product against e3nn's CG product, a naive loop, and exact identities."""
-import json
 import math
 
 import numpy as np
@@ -8,15 +7,9 @@ import torch
 from e3nn import o3
 
 from reprolab.equivariant import tdn
-from reprolab.paths import REPO_ROOT
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")  # tests/conftest.py
 
 
 def rel(a, b):
@@ -199,9 +192,3 @@ def test_trivial_errors_by_hand():
     t = tdn.trivial_errors([a, b], [a])
     assert math.isclose(t["energy_mae"], 0.5) and math.isclose(t["force_mae"], 4.0 / 6.0)
 
-
-def test_notebook_has_parameters_cell():
-    nb = json.loads((REPO_ROOT / "notebooks" / "tdn_mlip.ipynb").read_text())
-    tagged = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
-    assert len(tagged) == 1 and "profile" in "".join(tagged[0]["source"])
-    assert all(not c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code")

@@ -372,10 +372,7 @@ def make_cu_frames(clusters: list[str], temperatures: list[float], frames_per_ru
                    rattle: float, seed: int, dt_fs: float = 5.0, friction: float = 0.02) -> list[Frame]:
     """Langevin MD with ASE's EMT at each temperature from each base cluster (rattled by `rattle` Angstrom), keeping
     every `stride`-th step after one stride of warm-up; each kept frame is labelled by EMT (energy, forces)."""
-    from ase import units
     from ase.calculators.emt import EMT
-    from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
     import warnings
 
@@ -386,16 +383,29 @@ def make_cu_frames(clusters: list[str], temperatures: list[float], frames_per_ru
             atoms = atoms0.copy()
             atoms.positions += rng.normal(0, rattle, atoms.positions.shape)
             atoms.calc = EMT()
-            MaxwellBoltzmannDistribution(atoms, temperature_K=T, rng=rng)
             with warnings.catch_warnings():  # ASE 3.29 warns about fixcm=True (the default) in Langevin
                 warnings.simplefilter("ignore", FutureWarning)
-                dyn = Langevin(atoms, dt_fs * units.fs, temperature_K=T, friction=friction, rng=rng)
-            dyn.run(stride)
-            for k in range(frames_per_run):
-                dyn.run(stride)
-                frames.append(Frame(atoms.positions.copy(), float(atoms.get_potential_energy()),
-                                    atoms.get_forces().copy(), name, run, k))
+                frames += _langevin_frames(atoms, T, dt_fs, friction, rng, stride, frames_per_run, name, run)
             run += 1
+    return frames
+
+
+def _langevin_frames(atoms, T: float, dt_fs: float, friction: float, rng, stride: int, frames_per_run: int,
+                     name: str, run: int) -> list[Frame]:
+    """Maxwell-Boltzmann velocities at T, Langevin MD (its calculator attached to `atoms`), one stride of warm-up, then
+    frames_per_run frames every `stride` steps, each labelled by the calculator (energy, forces)."""
+    from ase import units
+    from ase.md.langevin import Langevin
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+
+    MaxwellBoltzmannDistribution(atoms, temperature_K=T, rng=rng)
+    dyn = Langevin(atoms, dt_fs * units.fs, temperature_K=T, friction=friction, rng=rng)
+    dyn.run(stride)
+    frames = []
+    for k in range(frames_per_run):
+        dyn.run(stride)
+        frames.append(Frame(atoms.positions.copy(), float(atoms.get_potential_energy()), atoms.get_forces().copy(),
+                            name, run, k))
     return frames
 
 
@@ -453,13 +463,7 @@ def make_si_frames(clusters: list[str], temperatures: list[float], frames_per_ru
                 rng_t = np.random.default_rng([seed, ci, ti])
                 atoms = start.copy()
                 atoms.calc = Tersoff(params)
-                MaxwellBoltzmannDistribution(atoms, temperature_K=T, rng=rng_t)
-                dyn = Langevin(atoms, dt_fs * units.fs, temperature_K=T, friction=friction, rng=rng_t)
-                dyn.run(stride)
-                for k in range(frames_per_run):
-                    dyn.run(stride)
-                    frames.append(Frame(atoms.positions.copy(), float(atoms.get_potential_energy()),
-                                        atoms.get_forces().copy(), name, run, k))
+                frames += _langevin_frames(atoms, T, dt_fs, friction, rng_t, stride, frames_per_run, name, run)
                 run += 1
     return frames
 

@@ -92,22 +92,35 @@ def _pad_sorted(x: np.ndarray, mask: np.ndarray | None, width: int) -> np.ndarra
 
 
 # -------------------------------------------------------------------------------------------------------- 1-WL
-def wl_refine(graphs: list[dict], max_iter: int | None = None) -> list[np.ndarray]:
-    cols = _relabel([G["labels"][:, None] for G in graphs])
-    dmax = max(G["nbr"].shape[1] for G in graphs)
-    n_col = len(np.unique(np.concatenate(cols)))
-    for _ in range(max_iter or sum(G["n"] for G in graphs) + 1):
-        sigs = []
-        for G, c in zip(graphs, cols):
-            nb = c[np.maximum(G["nbr"], 0)]  # (n, d)
-            sigs.append(np.concatenate([c[:, None], _pad_sorted(nb, G["nbr"] >= 0, dmax)], axis=1))
-        new = _relabel(sigs)
-        k = len(np.unique(np.concatenate(new)))
-        cols = new
+def _n_colours(cols: list[np.ndarray]) -> int:
+    return len(np.unique(np.concatenate([c.ravel() for c in cols])))
+
+
+def _to_fixpoint(cols: list[np.ndarray], step, max_iter: int) -> list[np.ndarray]:
+    """Apply the refinement `step` (shared colour ids across the graphs) until the number of colours stops growing
+    (refinement never merges colours, so an unchanged count is a stable partition), or max_iter rounds."""
+    n_col = _n_colours(cols)
+    for _ in range(max_iter):
+        cols = step(cols)
+        k = _n_colours(cols)
         if k == n_col:
             break
         n_col = k
     return cols
+
+
+def wl_refine(graphs: list[dict], max_iter: int | None = None) -> list[np.ndarray]:
+    cols = _relabel([G["labels"][:, None] for G in graphs])
+    dmax = max(G["nbr"].shape[1] for G in graphs)
+
+    def step(cols):
+        sigs = []
+        for G, c in zip(graphs, cols):
+            nb = c[np.maximum(G["nbr"], 0)]  # (n, d)
+            sigs.append(np.concatenate([c[:, None], _pad_sorted(nb, G["nbr"] >= 0, dmax)], axis=1))
+        return _relabel(sigs)
+
+    return _to_fixpoint(cols, step, max_iter or sum(G["n"] for G in graphs) + 1)
 
 
 # ----------------------------------------------------------------------------------------------- subgraph WL
@@ -145,15 +158,9 @@ def subgraph_refine(graphs: list[dict], aggs, max_iter: int | None = None) -> li
     cols = _relabel(init)
     dmax = max(G["nbr"].shape[1] for G in graphs)
     nmax = max(G["n"] for G in graphs)
-    n_col = len(np.unique(np.concatenate([c.ravel() for c in cols])))
-    for _ in range(max_iter or sum(G["n"] ** 2 for G in graphs) + 1):
-        new = _relabel([_subgraph_signature(G, c, aggs, dmax, nmax) for G, c in zip(graphs, cols)])
-        k = len(np.unique(np.concatenate([c.ravel() for c in new])))
-        cols = new
-        if k == n_col:
-            break
-        n_col = k
-    return cols
+    return _to_fixpoint(cols, lambda cols: _relabel([_subgraph_signature(G, c, aggs, dmax, nmax)
+                                                     for G, c in zip(graphs, cols)]),
+                        max_iter or sum(G["n"] ** 2 for G in graphs) + 1)
 
 
 # --------------------------------------------------------------------------------------------------- 2-FWL family
@@ -170,9 +177,9 @@ def fwl_refine(graphs: list[dict], local: str | None = None, max_iter: int | Non
     cols = _relabel(init)
     nmax = max(G["n"] for G in graphs)
     dmax = max(G["nbr"].shape[1] for G in graphs)
-    n_col = len(np.unique(np.concatenate([c.ravel() for c in cols])))
-    for _ in range(max_iter or sum(G["n"] ** 2 for G in graphs) + 1):
-        K = n_col + 1
+
+    def step(cols):
+        K = _n_colours(cols) + 1
         sigs = []
         for G, c in zip(graphs, cols):
             n = G["n"]
@@ -192,13 +199,9 @@ def fwl_refine(graphs: list[dict], local: str | None = None, max_iter: int | Non
                     mask = G["A"][:, None, :] | G["A"][None, :, :]  # w in N(u) or w in N(v)
                 ms = _pad_sorted(pair, mask, nmax)
             sigs.append(np.concatenate([c[:, :, None], ms], axis=2))
-        new = _relabel(sigs)
-        k = len(np.unique(np.concatenate([c.ravel() for c in new])))
-        cols = new
-        if k == n_col:
-            break
-        n_col = k
-    return cols
+        return _relabel(sigs)
+
+    return _to_fixpoint(cols, step, max_iter or sum(G["n"] ** 2 for G in graphs) + 1)
 
 
 # ---------------------------------------------------------------------------------------------- graph invariants
