@@ -23,7 +23,8 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -m pip install --quiet --upgrade "pip>=23" 2>&1 | $(QUIET)
 	@$(BIN)/python -m pip install --quiet -e . 2>&1 | $(QUIET)
-	@$(BIN)/python -c "import torch, dgl, transformers, opacus, papermill, dvc" || { echo "environment check failed"; exit 1; }
+	@$(BIN)/python -c "import torch, dgl, transformers, opacus, papermill, dvc, flwr, ray, pyspark" || { echo "environment check failed"; exit 1; }
+	@$(BIN)/python -m reprolab.distributed.spark || { echo "Spark needs Java 8/11/17 (see the message above)"; exit 1; }
 	@git config core.hooksPath .githooks 2>/dev/null || true
 	@rm -f $(VENV)/.installed-* && touch $@
 

@@ -1,0 +1,1 @@
+"""Federated and decentralised learning papers (run on Flower over Ray: ``reprolab.distributed.flower``)."""
