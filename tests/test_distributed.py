@@ -103,6 +103,10 @@ def test_spark_job_matches_direct_computation():
         edges = [(0, 1), (1, 2), (2, 0), (2, 3), (3, 4)]
         rdd = spark.sparkContext.parallelize(edges + [(b, a) for a, b in edges], 2)
         deg = dict(rdd.map(lambda e: (e[0], 1)).reduceByKey(lambda a, b: a + b).collect())
+        # a task result over spark.task.maxDirectResultSize (1 MiB) is fetched from the block manager at the
+        # advertised driver host: it must be reachable in local mode
+        big = spark.sparkContext.parallelize([0, 1], 2).map(lambda i: np.full(300_000, i, dtype=np.float64)).collect()
+        assert [float(b.sum()) for b in big] == [0.0, 300_000.0]
     finally:
         spark.stop()
     assert deg == {0: 2, 1: 2, 2: 3, 3: 2, 4: 1}

@@ -78,6 +78,9 @@ def spark_session(master: str = "local[2]", app_name: str = "reprolab", conf: di
                          "k8s://...")
     home, _, _ = java_home()
     os.environ["JAVA_HOME"] = home
+    local = master.startswith("local")
+    if local:  # bind and advertise the loopback address (results over 1 MiB are fetched at the advertised host)
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     from pyspark.sql import SparkSession
@@ -87,7 +90,9 @@ def spark_session(master: str = "local[2]", app_name: str = "reprolab", conf: di
          .config("spark.ui.showConsoleProgress", "false")
          .config("spark.driver.memory", driver_memory)
          .config("spark.sql.shuffle.partitions", "4")
-         .config("spark.driver.bindAddress", "127.0.0.1" if master.startswith("local") else "0.0.0.0"))
+         .config("spark.driver.bindAddress", "127.0.0.1" if local else "0.0.0.0"))
+    if local:
+        b = b.config("spark.driver.host", "127.0.0.1")
     for k, v in (conf or {}).items():
         b = b.config(k, str(v))
     spark = b.getOrCreate()
