@@ -15,12 +15,7 @@ from reprolab.graph.faros import (CORA_CLASS_SIZES, cora_like_sbm, cosine_alpha_
 from reprolab.paths import REPO_ROOT
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_graph(n=30, p=0.2, seed=0):

@@ -10,13 +10,7 @@ from reprolab.pruning.masks import (apply_masks, global_magnitude_masks, layerwi
                                     random_masks, remove_masks, rewind, sparsity_of)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread (several threads spin and crawl on a loaded machine)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _net(seed=0, p=7, d_emb=12, d_model=5):

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from scipy.optimize import linprog
 from scipy.special import logsumexp, softmax
 
-from .smile import Experts, dispatch_combine
+from .smile import Block, Experts, dispatch_combine
 
 # ----------------------------------------------------------------------------------------------------------------
 # The update and the routing (shared by the LP, the online run and the LM)
@@ -265,25 +265,6 @@ class TopKMoE(nn.Module):
         return y.reshape(shape), aux, idx
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block (causal self-attention, then the top-K MoE feed-forward)."""
-
-    def __init__(self, d: int, heads: int, h: int, E: int, k: int, balance: str, score_func: str):
-        super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.heads = heads
-        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.moe = TopKMoE(d, h, E, k, balance, score_func)
-
-    def forward(self, x):
-        B, T, d = x.shape
-        q, kk, v = self.qkv(self.ln1(x)).reshape(B, T, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, kk, v, is_causal=True)  # (B, H, T, d/H)
-        x = x + self.proj(a.transpose(1, 2).reshape(B, T, d))
-        y, aux, idx = self.moe(self.ln2(x))
-        return x + y, aux, idx
-
-
 class TopKMoELM(nn.Module):
     """Tiny character-level LM whose every feed-forward is a top-K MoE; forward -> (logits, summed aux, indices)."""
 
@@ -291,7 +272,8 @@ class TopKMoELM(nn.Module):
                  score_func: str = "softmax"):
         super().__init__()
         self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(ctx, d)
-        self.blocks = nn.ModuleList(Block(d, heads, h, E, k, balance, score_func) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(d, heads, lambda: TopKMoE(d, h, E, k, balance, score_func))
+                                    for _ in range(layers))
         self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, vocab)
 
     def forward(self, ids: torch.Tensor):

@@ -119,14 +119,16 @@ class MoELayer(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: causal self-attention, then the MoE feed-forward."""
+    """Pre-norm transformer block: causal self-attention, then the MoE feed-forward ``make_moe()``, a module returning
+    ``(y, aux, idx)``. The MoE is built last, so every model initialises its parameters in the same order (shared by
+    smile_moe and alf_lb_moe)."""
 
-    def __init__(self, d: int, heads: int, h: int, n_nodes: int, n_local: int, routing: str):
+    def __init__(self, d: int, heads: int, make_moe):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.heads = heads
         self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.moe = MoELayer(d, h, n_nodes, n_local, routing)
+        self.moe = make_moe()
 
     def forward(self, x):
         B, T, d = x.shape
@@ -144,7 +146,8 @@ class MoELM(nn.Module):
                  routing: str):
         super().__init__()
         self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(ctx, d)
-        self.blocks = nn.ModuleList(Block(d, heads, h, n_nodes, n_local, routing) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(d, heads, lambda: MoELayer(d, h, n_nodes, n_local, routing))
+                                    for _ in range(layers))
         self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, vocab)
 
     def forward(self, ids: torch.Tensor):
