@@ -178,7 +178,12 @@ class Tracked:
         return int(sum(r["bytes"] for r in self.ledger if direction in (None, r["direction"])))
 
 
-_SESSION = {"active": False}
+def _ray_init_args(num_cpus: int, object_store_mb: int, ray_address: str | None) -> dict:
+    """``ray.init`` arguments: a local Ray (no dashboard, a bounded object store) or the cluster at ``ray_address``."""
+    if ray_address:
+        return {"address": ray_address, "include_dashboard": False, "log_to_driver": False}
+    return {"num_cpus": int(num_cpus), "include_dashboard": False, "object_store_memory": int(object_store_mb) << 20,
+            "log_to_driver": False}
 
 
 @contextlib.contextmanager
@@ -187,11 +192,7 @@ def ray_session(num_cpus: int = 2, object_store_mb: int = 256, ray_address: str 
     import ray
     from flwr.server.superlink.fleet.vce.backend import raybackend
 
-    if ray_address:
-        ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
-    else:
-        ray.init(num_cpus=int(num_cpus), include_dashboard=False, object_store_memory=int(object_store_mb) << 20,
-                 log_to_driver=False)
+    ray.init(**_ray_init_args(num_cpus, object_store_mb, ray_address))
     original = raybackend.RayBackend.terminate
 
     def terminate_actors_only(self):
@@ -199,12 +200,10 @@ def ray_session(num_cpus: int = 2, object_store_mb: int = 256, ray_address: str 
             self.pool.terminate_all_actors()
 
     raybackend.RayBackend.terminate = terminate_actors_only
-    _SESSION["active"] = True
     try:
         yield
     finally:
         raybackend.RayBackend.terminate = original
-        _SESSION["active"] = False
         ray.shutdown()
 
 
@@ -229,9 +228,7 @@ def simulate(strategy, client_fn: Callable[[Context], object], *, num_clients: i
     def server_fn(context: Context):
         return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=int(rounds)))
 
-    init_args = {"address": ray_address} if ray_address else {
-        "num_cpus": int(num_cpus), "include_dashboard": False, "object_store_memory": int(object_store_mb) << 20,
-        "log_to_driver": False}
+    init_args = _ray_init_args(num_cpus, object_store_mb, ray_address)
     quiet()
     run_simulation(ServerApp(server_fn=server_fn), ClientApp(client_fn=_client), num_supernodes=int(num_clients),
                    backend_config={"client_resources": {"num_cpus": float(client_cpus), "num_gpus": 0.0},

