@@ -11,7 +11,8 @@ STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export DGLBACKEND := pytorch
 # pip on some machines warns about every missing local index folder; keep the log readable
-# pytest-xdist workers: notebook smoke runs are mostly kernel start-up, two overlap well on 2 cores
+# pytest-xdist workers: notebook smoke runs are mostly kernel start-up, two overlap well on 2 cores; work stealing
+# keeps both busy when one draws the long notebook tests
 TEST_WORKERS ?= 2
 QUIET := grep -v '^WARNING: Location' || true
 
@@ -41,7 +42,7 @@ repro: models
 	@echo "== results: results/<paper>/metrics.json, reports/<paper>.html, reports/index.html"
 
 test: models
-	$(BIN)/python -m pytest -ra -n $(TEST_WORKERS)
+	$(BIN)/python -m pytest -ra -n $(TEST_WORKERS) --dist worksteal
 
 clean-build:
 	rm -rf build

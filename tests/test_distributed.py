@@ -144,3 +144,36 @@ def test_weights_roundtrip_through_flower_parameters():
     set_weights(b, fl.parameters_to_ndarrays(fl.ndarrays_to_parameters(get_weights(a))))
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
+
+
+def test_ray_init_retries_a_startup_timeout_only():
+    from reprolab.distributed.flower import _ray_init
+
+    class FakeRay:
+        def __init__(self, errors):
+            self.errors, self.inits, self.shutdowns = list(errors), 0, 0
+
+        def init(self, **kw):
+            self.inits += 1
+            if self.errors:
+                raise self.errors.pop(0)
+
+        def shutdown(self):
+            self.shutdowns += 1
+
+    timeout = Exception("The current node timed out during startup. This could happen ...")
+    r = FakeRay([timeout])
+    _ray_init(r, {"num_cpus": 2})
+    assert (r.inits, r.shutdowns) == (2, 1)
+    r = FakeRay([timeout] * 3)
+    with pytest.raises(Exception, match="timed out"):
+        _ray_init(r, {"num_cpus": 2}, attempts=3)
+    assert r.inits == 3
+    r = FakeRay([ValueError("bad argument")])
+    with pytest.raises(ValueError):
+        _ray_init(r, {"num_cpus": 2})
+    assert r.inits == 1
+    r = FakeRay([timeout])
+    with pytest.raises(Exception, match="timed out"):
+        _ray_init(r, {"address": "auto"})  # a cluster is not retried
+    assert r.inits == 1

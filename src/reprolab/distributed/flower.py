@@ -186,13 +186,27 @@ def _ray_init_args(num_cpus: int, object_store_mb: int, ray_address: str | None)
             "log_to_driver": False}
 
 
+def _ray_init(ray, args: dict, attempts: int = 3) -> None:
+    """``ray.init``, retried: Ray 2.55 gives its raylet a fixed 30 s to register (``ray/_private/node.py``), which a
+    heavily loaded 2-core machine can miss; a retry starts a fresh local node (a cluster address is not retried)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(**args)
+            return
+        except Exception as e:  # Ray raises a bare Exception for this
+            if "timed out during startup" not in str(e) or "address" in args or attempt == attempts:
+                raise
+            logging.getLogger(__name__).warning("ray.init timed out (attempt %d of %d); retrying", attempt, attempts)
+            ray.shutdown()
+
+
 @contextlib.contextmanager
 def ray_session(num_cpus: int = 2, object_store_mb: int = 256, ray_address: str | None = None):
     """Start Ray once for a block of :func:`simulate` calls (one Ray session per notebook); shut it down at the end."""
     import ray
     from flwr.server.superlink.fleet.vce.backend import raybackend
 
-    ray.init(**_ray_init_args(num_cpus, object_store_mb, ray_address))
+    _ray_init(ray, _ray_init_args(num_cpus, object_store_mb, ray_address))
     original = raybackend.RayBackend.terminate
 
     def terminate_actors_only(self):
