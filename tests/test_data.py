@@ -52,3 +52,21 @@ def test_pbmc_loader():
     assert d["X"].shape == (700, 765) and len(d["genes"]) == 765 and len(d["cell_type"]) == 700
     assert d["X"].min() >= 0 and d["neighbors"].shape == (700, 700)
     assert len(set(d["cell_type"])) == 10
+
+
+def test_load_image_set_scales_to_unit_range_and_names_the_allowed_sets():
+    import numpy as np
+    import pytest
+    from sklearn.datasets import load_digits
+
+    from reprolab.data.images import load_image_set
+
+    X, y = load_image_set("digits")
+    d = load_digits()
+    assert X.dtype == np.float32 and y.dtype == np.int64 and X.shape == (1797, 64)
+    np.testing.assert_array_equal(X, (d.data / 16.0).astype(np.float32))
+    np.testing.assert_array_equal(y, d.target)
+    X64, _ = load_image_set("digits", dtype=np.float64)
+    assert X64.dtype == np.float64 and X64.max() == 1.0 and X64.min() == 0.0
+    with pytest.raises(ValueError, match="mnist5k, digits, mnist"):
+        load_image_set("cifar10")

@@ -1,1 +1,1 @@
-"""Backdoor attacks and defences on text classifiers: triggers, poisoning, attack success rate, NeuBA, honeypots."""
+"""Backdoor attacks and defences: triggers (text tokens, image patches), poisoning, attack success rate, NeuBA, honeypots, SRA."""

@@ -1,4 +1,4 @@
-"""Rare-token triggers: insertion into raw text and into tokenized batches."""
+"""Backdoor triggers: rare tokens inserted into raw text and tokenized batches; image patches stamped onto images."""
 from __future__ import annotations
 
 import numpy as np
@@ -30,3 +30,21 @@ def insert_trigger_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor, tr
     ids = torch.cat([input_ids[:, :1], tid, input_ids[:, 1:]], dim=1)  # (B, T+1)
     mask = torch.cat([attention_mask[:, :1], torch.ones_like(tid), attention_mask[:, 1:]], dim=1)  # (B, T+1)
     return ids, mask
+
+
+def checkerboard_patch(size: int, channels: int = 1) -> torch.Tensor:
+    """A ``size`` x ``size`` black/white checkerboard (top-left white), (channels, size, size), values in {0, 1}."""
+    ij = torch.arange(size)
+    board = ((ij[:, None] + ij[None, :]) % 2 == 0).float()  # (s, s)
+    return board.expand(channels, size, size).clone()
+
+
+def stamp_patch(x: torch.Tensor, patch: torch.Tensor, pos: tuple[int, int] | None = None) -> torch.Tensor:
+    """Images ``x`` (B, C, H, W) with ``patch`` (C, h, w) pasted at row/column ``pos`` (default: the lower-right
+    corner, as BadNets and SRA's `plant_trigger`, Unispac/Subnet-Replacement-Attack notebooks/sra_cifar10.ipynb).
+    Returns a new tensor; ``x`` is not modified."""
+    h, w = patch.shape[-2:]
+    r, c = (x.shape[-2] - h, x.shape[-1] - w) if pos is None else pos
+    out = x.clone()
+    out[..., r:r + h, c:c + w] = patch
+    return out

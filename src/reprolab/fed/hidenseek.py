@@ -42,28 +42,11 @@ DATASETS = ("mnist5k", "digits", "mnist")
 
 
 def load_dataset(name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Features float32 in [0, 1] (N, d) and int64 labels: ``mnist5k`` (5,000 MNIST images, offline), ``digits``
-    (scikit-learn 8x8, offline) or ``mnist`` (all 70,000 images through torchvision, online)."""
-    if name == "mnist5k":
-        from reprolab.data import load_mnist5k
+    """Features float32 in [0, 1] (N, d) and int64 labels (``reprolab.data.images.load_image_set``): ``mnist5k``, ``digits``
+    (offline) or ``mnist`` (online)."""
+    from reprolab.data.images import load_image_set
 
-        X, y = load_mnist5k()
-    elif name == "digits":
-        from sklearn.datasets import load_digits
-
-        d = load_digits()
-        X, y = d.data / 16.0, d.target
-    elif name == "mnist":
-        from torchvision.datasets import MNIST
-
-        from reprolab.data import ONLINE_CACHE
-
-        ds = [MNIST(ONLINE_CACHE / "mnist", train=t, download=True) for t in (True, False)]
-        X = np.concatenate([d.data.reshape(len(d.data), -1).numpy() / 255.0 for d in ds])
-        y = np.concatenate([d.targets.numpy() for d in ds])
-    else:
-        raise ValueError(f"dataset {name!r}; allowed: {', '.join(DATASETS)}")
-    return np.asarray(X, dtype=np.float32), np.asarray(y, dtype=np.int64)
+    return load_image_set(name)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

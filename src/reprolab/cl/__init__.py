@@ -1,0 +1,1 @@
+"""Continual learning: task-conditioned hypernetworks (and, later, per-task supermasks)."""
