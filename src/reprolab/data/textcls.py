@@ -42,13 +42,14 @@ def authorship_task(n_train: int, n_test: int, seed: int, min_words: int = 5, li
 
 
 def balanced_split(pools: dict[int, list[str]], n_train: int, n_test: int, seed: int, task: str):
-    """``(train_texts, train_y, test_texts, test_y)`` from one pool of snippets per label: each label draws
-    ``n_train // 2 + n_test // 2`` snippets without replacement (rng ``seed``), the first ``n_train // 2`` to train, the
-    rest to test (disjoint); each split is shuffled. ``task`` names the caller in the error for a too-small pool."""
+    """``(train_texts, train_y, test_texts, test_y)`` from one pool of snippets per label (K labels): each label draws
+    ``n_train // K + n_test // K`` snippets without replacement (rng ``seed``), the first ``n_train // K`` to train,
+    the rest to test (disjoint); each split is shuffled. ``task`` names the caller in the error for a too-small pool."""
     rng = np.random.default_rng(seed)
     tr, te = [], []
+    K = len(pools)
     for label, pool in pools.items():
-        n_tr, n_te = n_train // 2, n_test // 2
+        n_tr, n_te = n_train // K, n_test // K
         if n_tr + n_te > len(pool):
             raise ValueError(f"{task}: asked for {n_tr + n_te} snippets of label {label}, only {len(pool)}")
         idx = rng.choice(len(pool), size=n_tr + n_te, replace=False)

@@ -39,24 +39,10 @@ def work_task(works: list[str], n_train: int, n_test: int, seed: int, min_words:
     """Source attribution: label k = ``works[k]``. Each work gives ``n_train // K`` training and ``n_test // K`` test
     snippets (``reprolab.data.textcls.text_snippets``: consecutive qualifying lines, lower-cased), drawn without
     replacement with ``seed`` (disjoint); each split is shuffled. Returns (train_texts, train_y, test_texts, test_y)."""
-    from reprolab.data.textcls import text_snippets
+    from reprolab.data.textcls import balanced_split, text_snippets
 
-    K = len(works)
-    rng = np.random.default_rng(seed)
-    tr, te = [], []
-    for label, name in enumerate(works):
-        pool = text_snippets(name, min_words, lines_per_example)
-        n_tr, n_te = n_train // K, n_test // K
-        if n_tr + n_te > len(pool):
-            raise ValueError(f"work_task: {n_tr + n_te} snippets asked of {name!r}, only {len(pool)}")
-        idx = rng.choice(len(pool), size=n_tr + n_te, replace=False)
-        tr += [(pool[i], label) for i in idx[:n_tr]]
-        te += [(pool[i], label) for i in idx[n_tr:]]
-    out = []
-    for split in (tr, te):
-        order = rng.permutation(len(split))
-        out += [[split[i][0] for i in order], np.array([split[i][1] for i in order], dtype=np.int64)]
-    return tuple(out)
+    pools = {label: text_snippets(name, min_words, lines_per_example) for label, name in enumerate(works)}
+    return balanced_split(pools, n_train, n_test, seed, "work_task")
 
 
 def tokenize(tok, texts: list[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
