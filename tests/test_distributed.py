@@ -177,3 +177,39 @@ def test_ray_init_retries_a_startup_timeout_only():
     with pytest.raises(Exception, match="timed out"):
         _ray_init(r, {"address": "auto"})  # a cluster is not retried
     assert r.inits == 1
+
+
+def test_share_and_fetch_go_through_the_object_store_only_when_ray_runs(monkeypatch):
+    """share/fetch pass objects through unchanged without Ray; with Ray up, share puts once and fetch gets (every
+    call, or once per process with cache=True, re-fetching when another object is shared)."""
+    import sys
+    import types
+
+    from reprolab.distributed import flower as fl
+
+    data = {"X": np.arange(3)}
+    fake = types.ModuleType("ray")
+
+    class ObjectRef:
+        def __init__(self, i):
+            self.i = i
+
+        def hex(self):
+            return f"{self.i:04x}"
+
+    store, gets = [], []
+    fake.ObjectRef = ObjectRef
+    fake.is_initialized = lambda: False
+    fake.put = lambda obj: (store.append(obj), ObjectRef(len(store) - 1))[1]
+    fake.get = lambda ref: (gets.append(ref.i), store[ref.i])[1]
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    assert fl.share(data) is data and fl.fetch(data) is data and fl.fetch(data, cache=True) is data
+    fake.is_initialized = lambda: True
+    ref = fl.share(data)
+    assert isinstance(ref, ObjectRef) and store == [data]
+    assert fl.fetch(ref) is data and fl.fetch(ref) is data and gets == [0, 0]
+    gets.clear()
+    assert fl.fetch(ref, cache=True) is data and fl.fetch(ref, cache=True) is data and gets == [0]
+    other = {"X": np.zeros(2)}
+    ref2 = fl.share(other)
+    assert fl.fetch(ref2, cache=True) is other and gets == [0, 1]

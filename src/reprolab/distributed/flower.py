@@ -53,7 +53,7 @@ from flwr.server.client_proxy import ClientProxy  # noqa: E402
 
 __all__ = [
     "PartitionClient", "Tracked", "simulate", "ray_session", "partition_id", "client_seed", "message_bytes",
-    "ndarrays_to_parameters", "parameters_to_ndarrays", "quiet", "FLOWER_VERSION",
+    "ndarrays_to_parameters", "parameters_to_ndarrays", "quiet", "FLOWER_VERSION", "share", "fetch",
 ]
 FLOWER_VERSION = flwr.__version__
 
@@ -198,6 +198,42 @@ def _ray_init(ray, args: dict, attempts: int = 3) -> None:
                 raise
             logging.getLogger(__name__).warning("ray.init timed out (attempt %d of %d); retrying", attempt, attempts)
             ray.shutdown()
+
+
+def share(obj):
+    """Data every client reads, shipped once: ``ray.put(obj)`` while Ray is running (a Flower simulation inside
+    :func:`ray_session`), else ``obj`` itself (the in-process driver). Clients read it back with :func:`fetch`."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.put(obj)
+    except ImportError:  # pragma: no cover
+        pass
+    return obj
+
+
+_FETCHED: dict = {}  # per process (Ray actor): the last object fetched with cache=True
+
+
+def fetch(ref, cache: bool = False):
+    """The object behind a :func:`share` reference (``ray.get``); anything else passes through. ``cache=True``
+    deserialises it once per actor process (keyed by object id; only the latest object is kept), for clients that
+    are rebuilt every round; the cached object is shared, so such clients must not modify it."""
+    try:
+        import ray
+
+        if isinstance(ref, ray.ObjectRef):
+            if not cache:
+                return ray.get(ref)
+            key = ref.hex()
+            if key not in _FETCHED:
+                _FETCHED.clear()
+                _FETCHED[key] = ray.get(ref)
+            return _FETCHED[key]
+    except ImportError:  # pragma: no cover
+        pass
+    return ref
 
 
 @contextlib.contextmanager

@@ -487,12 +487,12 @@ def local_train(params, X, y, config: dict, hp: dict, seed: int, num_classes: in
 
 def make_client_fn(shared_ref, hp: dict, seed: int, num_classes: int):
     from reprolab.distributed import flower as fl
-    from reprolab.fed.hidenseek import client_data, fetch
+    from reprolab.fed.hidenseek import client_data
 
     class Client(fl.PartitionClient):
         def fit(self, parameters, config):
             torch.set_num_threads(int(hp["threads"]))
-            X, y = client_data(fetch(shared_ref), self.partition)
+            X, y = client_data(fl.fetch(shared_ref), self.partition)
             new, secs = local_train([np.asarray(p, np.float32) for p in parameters], X, y, config, hp,
                                     fl.client_seed(seed, self.partition, int(config["round"])), num_classes)
             return new, len(y), {"train_s": secs, "labels": ",".join(map(str, np.unique(y).tolist()))}
@@ -550,7 +550,6 @@ def run_arm(arm: str, shared: dict, hp: dict, seed: int, *, sizes, tiers, test: 
     """One Flower simulation of ``arm``: test accuracy of the global model after every round (server side), the
     byte ledger, the shapes sent to every partition, the server's counters and log."""
     from reprolab.distributed import flower as fl
-    from reprolab.fed.hidenseek import share
 
     Strategy = strategy_class()
     server = Server(arm, hp, sizes, tiers, shared["public"], seed)
@@ -565,7 +564,7 @@ def run_arm(arm: str, shared: dict, hp: dict, seed: int, *, sizes, tiers, test: 
     strategy = Strategy(server=server, num_clients=len(tiers), seed=seed, fraction_fit=1.0, fraction_evaluate=0.0,
                         min_fit_clients=len(tiers), min_available_clients=len(tiers), accept_failures=False,
                         evaluate_fn=evaluate_fn, initial_parameters=fl.ndarrays_to_parameters(init))
-    ref = share({k: shared[k] for k in ("X", "y", "parts")})
+    ref = fl.share({k: shared[k] for k in ("X", "y", "parts")})
     t0 = time.perf_counter()
     fl.simulate(strategy, make_client_fn(ref, hp, seed, sizes[-1]), num_clients=len(tiers), rounds=hp["rounds"],
                 num_cpus=num_cpus, ray_address=ray_address)

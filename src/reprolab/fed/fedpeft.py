@@ -212,12 +212,11 @@ def model_spec(cfg: dict, num_labels: int, seed: int) -> dict:
 def make_client_fn(arm: str, shared_ref, hp: dict, seed: int):
     """``client_fn(context)`` for Flower: a client of ``arm`` reading its partition from ``shared_ref``."""
     from reprolab.distributed import flower as fl
-    from reprolab.fed.hidenseek import fetch
 
     class PEFTClient(fl.PartitionClient):
         def fit(self, parameters, config):
             torch.set_num_threads(int(hp["threads"]))
-            shared = fetch(shared_ref)
+            shared = fl.fetch(shared_ref)
             model = cached_model(arm, shared["spec"])
             set_trainable(model, parameters)
             idx = shared["parts"][self.partition]
@@ -262,7 +261,6 @@ def run_arm(arm: str, shared: dict, hp: dict, seed: int, *, num_clients: int, ro
     (``NumPyClient.to_client().fit``) and the same Tracked FedAvg strategy driven round by round in this process, the
     messages being the same serialized ``Parameters`` (for a machine where Ray cannot start)."""
     from reprolab.distributed import flower as fl
-    from reprolab.fed.hidenseek import share
 
     Strategy = _strategy_class()
     server_model = build_model(arm, **shared["spec"])
@@ -284,7 +282,7 @@ def run_arm(arm: str, shared: dict, hp: dict, seed: int, *, num_clients: int, ro
                         initial_parameters=fl.ndarrays_to_parameters(init))
     t0 = time.perf_counter()
     if engine == "flower":
-        fl.simulate(strategy, make_client_fn(arm, share(shared), hp, seed), num_clients=num_clients, rounds=rounds,
+        fl.simulate(strategy, make_client_fn(arm, fl.share(shared), hp, seed), num_clients=num_clients, rounds=rounds,
                     num_cpus=num_cpus, client_cpus=client_cpus, ray_address=ray_address)
     elif engine == "inprocess":
         drive_inprocess(strategy, make_client_fn(arm, shared, hp, seed), num_clients=num_clients, rounds=rounds)

@@ -447,36 +447,6 @@ def curves(run: dict, prefix: str = "") -> tuple[np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------------------------------------------------------------
 # Flower: clients with persistent state (Context.state), the personalising strategy
 # ---------------------------------------------------------------------------------------------------------------------
-def share(obj):
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return ray.put(obj)
-    except ImportError:  # pragma: no cover
-        pass
-    return obj
-
-
-_FETCHED: dict = {}  # per process (Ray actor): the last shared object fetched, so a client deserialises it once
-
-
-def fetch(ref):
-    """``ray.get`` once per actor process (cached by object id); non-refs pass through."""
-    try:
-        import ray
-
-        if isinstance(ref, ray.ObjectRef):
-            key = ref.hex()
-            if key not in _FETCHED:
-                _FETCHED.clear()
-                _FETCHED[key] = ray.get(ref)
-            return _FETCHED[key]
-    except ImportError:  # pragma: no cover
-        pass
-    return ref
-
-
 def make_client_fn(arm: str, shared_ref, hp: dict, seed: int):
     """``client_fn(context)``: a Flower client of ``arm`` whose masks and Adam moments live in ``context.state``
     (Flower keeps a node's Context between rounds; nothing of it is sent)."""
@@ -491,7 +461,7 @@ def make_client_fn(arm: str, shared_ref, hp: dict, seed: int):
 
         def fit(self, parameters, config):
             torch.set_num_threads(int(hp["threads"]))
-            sh = fetch(shared_ref)
+            sh = fl.fetch(shared_ref, cache=True)
             rnd = int(config["round"])
             st = self.context.state
             state = st["fedpub_state"].to_numpy_ndarrays() if "fedpub_state" in st else None
@@ -586,7 +556,7 @@ def run_arm(arm: str, shared: dict, hp: dict, seed: int, *, rounds: int, num_cpu
         strategy = FedPubStrategy(tau=hp["tau"], agg_norm=hp["agg_norm"], **common)
     else:
         raise ValueError(f"run_arm: arm {arm!r}; Flower arms: fedpub | fedavg (local runs in process)")
-    ref = share(shared)
+    ref = fl.share(shared)
     t0 = time.perf_counter()
     fl.simulate(strategy, make_client_fn(arm, ref, hp, seed), num_clients=K, rounds=rounds, num_cpus=num_cpus,
                 ray_address=ray_address)

@@ -284,31 +284,9 @@ def accuracy(Ws: list[torch.Tensor], X: np.ndarray, y: np.ndarray) -> tuple[floa
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Data shared with the clients: through Ray's object store when Ray is up (one copy, not one per message)
+# Data shared with the clients: through Ray's object store when Ray is up (one copy, not one per message;
+# reprolab.distributed.flower.share / fetch)
 # ---------------------------------------------------------------------------------------------------------------------
-def share(obj):
-    """``ray.put(obj)`` if Ray is running (the Flower simulation), else ``obj`` itself."""
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return ray.put(obj)
-    except ImportError:  # pragma: no cover
-        pass
-    return obj
-
-
-def fetch(ref):
-    try:
-        import ray
-
-        if isinstance(ref, ray.ObjectRef):
-            return ray.get(ref)
-    except ImportError:  # pragma: no cover
-        pass
-    return ref
-
-
 def client_data(shared: dict, partition: int) -> tuple[np.ndarray, np.ndarray]:
     """The partition's training features (float32 in [0, 1]) and labels (int64)."""
     idx = shared["parts"][partition]
@@ -325,7 +303,7 @@ def make_client_fn(arm: str, shared_ref, hp: dict, seed: int):
     class MaskClient(fl.PartitionClient):
         def fit(self, parameters, config):
             torch.set_num_threads(int(hp["threads"]))
-            shared = fetch(shared_ref)
+            shared = fl.fetch(shared_ref)
             model = shared["model"]
             X, y = client_data(shared, self.partition)
             bits = decode(parameters[0], model.n_bits)
@@ -341,7 +319,7 @@ def make_client_fn(arm: str, shared_ref, hp: dict, seed: int):
     class DenseClient(fl.PartitionClient):
         def fit(self, parameters, config):
             torch.set_num_threads(int(hp["threads"]))
-            shared = fetch(shared_ref)
+            shared = fl.fetch(shared_ref)
             X, y = client_data(shared, self.partition)
             rnd = int(config["round"])
             new, secs = local_train_dense([np.asarray(p, dtype=np.float32) for p in parameters], X, y,
@@ -427,7 +405,7 @@ def run_arm(arm: str, shared: dict, hp: dict, seed: int, *, num_clients: int, ro
         init_bits = np.ones(model.n_bits, dtype=bool)  # round 0: the (pruned) random network itself
         strategy = MaskFed(initial_parameters=fl.ndarrays_to_parameters([pack(init_bits)]), n_bits=model.n_bits,
                            initial_bits=init_bits, rule=hp["aggregation"], **common)
-    ref = share({**shared, "kind": kind})
+    ref = fl.share({**shared, "kind": kind})
     t0 = time.perf_counter()
     fl.simulate(strategy, make_client_fn(arm, ref, hp, seed), num_clients=num_clients, rounds=rounds,
                 num_cpus=num_cpus, ray_address=ray_address)
