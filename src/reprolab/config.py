@@ -33,6 +33,10 @@ from .paths import PARAMS_FILE
 PROFILES = ("smoke", "quick", "full")
 RESERVED = ("profiles",)
 TOP_LEVEL = ("profile", "python", "models", "datasets")
+# sections of upstream (non-paper) DVC stages, validated by their own module before any work (e.g.
+# reprolab.nas.groundtruth.settings; tests/test_nas_bench.py checks every profile). Not imported here: every paper's
+# stage depends on this file, and must not depend on the NAS ground truth.
+STAGE_SECTIONS = ("nas_groundtruth",)
 
 
 class ParamError(ValueError):
@@ -173,7 +177,8 @@ def validate_all(params: dict | None = None) -> list[str]:
     """Validate the top level, the registry and every paper under every profile; return the slugs. Raises ParamError."""
     params = read_params() if params is None else params
     check_profile(params)
-    unknown = sorted(k for k in params if k not in TOP_LEVEL and k != "papers" and k not in params["papers"])
+    unknown = sorted(k for k in params if k not in TOP_LEVEL + STAGE_SECTIONS and k != "papers"
+                     and k not in params["papers"])
     if unknown:
         raise ParamError(f"params.yaml: {unknown[0]!r} is neither a top-level key ({', '.join(TOP_LEVEL)}) nor a "
                          f"registered paper; registered: {', '.join(sorted(params['papers']))}")

@@ -52,6 +52,9 @@ DATA_FILES = {
     "nations": ["data/kg/nations"],
     "pbmc": ["data/pbmc"],
     "pycode": ["data/pycode"],
+    "nas_bench_graph": ["data/nas_bench_graph"],
+    "analog_nasbench": ["data/analog_nasbench"],
+    "nas_groundtruth": ["generated/nas-groundtruth"],
 }
 MODEL_FILES = {
     "smollm2-135m": ["models/smollm2-135m"],
@@ -63,11 +66,15 @@ MODEL_FILES = {
 # modules that define the catalogues (every dataset/model name appears in them): their literals are not evidence of use
 CATALOGUE_MODULES = {"src/reprolab/data/__init__.py", "src/reprolab/data/sources.py", "src/reprolab/data/materialize.py",
                      "src/reprolab/lm/__init__.py", "src/reprolab/lm/cache.py", "src/reprolab/graph/datasets.py",
-                     "src/reprolab/graph/fairness_graphs.py"}
+                     "src/reprolab/graph/fairness_graphs.py",
+                     "src/reprolab/config.py"}  # names the sections of upstream stages (nas_groundtruth), reads no data
 # loader functions that read a fixed file whatever their arguments
 LOADER_FILES = {"load_mnist5k": "mnist5k", "load_german_credit": "german_credit", "load_ml100k": "ml100k",
                 "load_adult": "adult", "load_pbmc": "pbmc", "PYCODE_DIR": "pycode", "MOBILENET_V2_WEIGHTS": "mobilenet-v2",
-                "german_credit_graph": "german_credit", "adult_graph": "adult", "ml100k_graph": "ml100k"}
+                "german_credit_graph": "german_credit", "adult_graph": "adult", "ml100k_graph": "ml100k",
+                "nbg_table": "nas_bench_graph", "nbg_raw": "nas_bench_graph", "nbg_architectures": "nas_bench_graph",
+                "nb201_table": "analog_nasbench", "nb201_accuracy": "analog_nasbench", "analog_raw": "analog_nasbench",
+                "load_groundtruth": "nas_groundtruth"}
 
 
 def _module_file(mod: str) -> Path | None:
@@ -210,6 +217,15 @@ def build(params: dict | None = None) -> dict:
                           "deps": ["src/reprolab/equivariant/md_data.py"],
                           "params": ["ponita.md"],
                           "outs": ["generated/md-forcefield"]},
+        # NB-201 cells trained standalone on real digits (the NAS papers' ground truth); reads profile + its section
+        "nas_groundtruth": {"cmd": f"{PY} -m reprolab.nas.groundtruth",
+                            "deps": [f"src/reprolab/nas/{m}.py" for m in ("__init__", "groundtruth", "space201",
+                                                                          "benchmarks", "rank")]
+                            + ["src/reprolab/config.py", "src/reprolab/paths.py", "src/reprolab/data/images.py",
+                               "src/reprolab/data/__init__.py", "data/analog_nasbench",
+                               "data/mnist5k"],
+                            "params": ["profile", "nas_groundtruth"],
+                            "outs": ["generated/nas-groundtruth"]},
     }
     for slug in params["papers"]:
         stages[slug] = {

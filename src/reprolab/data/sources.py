@@ -74,6 +74,21 @@ SOURCES = {
         "d47fbf302e7d9cbbb9e2555a0d267983d2aa476bac30e90dfbe5669bd57f3762",
         {"networkx/": "pycode/networkx/"},  # a folder: every .py file under it except tests (see materialize.extract)
         "Source code of networkx 3.6.1 (BSD-3): modules, classes and functions with docstrings, a real text-attributed graph"),
+    "nas_bench_graph": Source(
+        "nas-bench-graph", "1.4.0", "nas_bench_graph-1.4.0-py3-none-any.whl",
+        "f6ea43836262f1ee8d60c35bbbd20aa2536ee1f8492025e3b0b90096f5afc6ad",
+        {**{f"nas_bench_graph/light/{d}.bench": f"nas_bench_graph/{d}.bench"
+            for d in ("cora", "citeseer", "pubmed", "arxiv", "cs", "physics", "photo", "computers", "proteins")},
+         "nas_bench_graph/architecture.py": "nas_bench_graph/architecture.py",
+         "nas_bench_graph-1.4.0.dist-info/LICENSE": "nas_bench_graph/LICENSE"},
+        "NAS-Bench-Graph (Qin et al., NeurIPS 2022): 26,206 GNN architectures x 9 graphs, accuracy/latency/params, "
+        "pickles plus the library's architecture.py, as shipped in the nas-bench-graph wheel (Apache-2.0)"),
+    "analog_nasbench": Source(
+        "analog-nasbench", "0.1.3", "analog_nasbench-0.1.3-py3-none-any.whl",
+        "f7d4e56e416d249d25555b867a6d7c72886fa9d85a49bd1870708acbf5ee6fe2",
+        {"analognasbench/data.anb": "analog_nasbench/data.anb"},
+        "AnalogNAS-Bench (IBM, analog-nas): all 15,625 NAS-Bench-201 cells trained on CIFAR-10 (baseline, PTQ, QAT, "
+        "analog accuracies), a pickle as shipped in the analog-nasbench wheel (no licence declared; source IBM/analog-nas)"),
 }
 
 MODEL_SOURCES = {

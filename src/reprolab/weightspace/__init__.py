@@ -1,0 +1,1 @@
+"""Weights as data: model zoos, weight-space generation and loss-landscape measurements (issue 17)."""
