@@ -254,14 +254,9 @@ def _scored(net: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
-def grasp_scores(net: nn.Module, x: torch.Tensor, y: torch.Tensor, T: float = 200.0, reinit_linear: bool = True,
-                 seed: int = 0) -> dict[str, torch.Tensor]:
-    """S = -theta * Hg for the weight of every Conv2d and Linear, keyed by module name (official GraSP.py:49-140).
-
-    On a copy of the network (its mode kept: training mode uses batch statistics): the linear layers are re-initialised
-    with Xavier normal (``reinit=True``, seeded here), the batch is split in two halves, g = sum of the halves' gradients
-    of the cross entropy of logits / T (detached), then for each half z = g . grad(L_half) (with graph) is
-    back-propagated and the products accumulate: Hg = d(g . grad(L_1 + L_2)) / d theta."""
+def _grasp_copy(net: nn.Module, reinit_linear: bool, seed: int) -> tuple[nn.Module, list]:
+    """The copy GraSP scores (its mode kept) and its scored modules; with ``reinit_linear`` the linear layers are
+    re-initialised with Xavier normal from a generator seeded by ``seed`` (official ``reinit=True``)."""
     net = copy.deepcopy(net)
     mods = _scored(net)
     if reinit_linear:
@@ -271,6 +266,18 @@ def grasp_scores(net: nn.Module, x: torch.Tensor, y: torch.Tensor, T: float = 20
                 fan_in, fan_out = m.weight.shape[1], m.weight.shape[0]
                 with torch.no_grad():
                     m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * math.sqrt(2.0 / (fan_in + fan_out)))
+    return net, mods
+
+
+def grasp_scores(net: nn.Module, x: torch.Tensor, y: torch.Tensor, T: float = 200.0, reinit_linear: bool = True,
+                 seed: int = 0) -> dict[str, torch.Tensor]:
+    """S = -theta * Hg for the weight of every Conv2d and Linear, keyed by module name (official GraSP.py:49-140).
+
+    On a copy of the network (its mode kept: training mode uses batch statistics): the linear layers are re-initialised
+    with Xavier normal (``reinit=True``, seeded here), the batch is split in two halves, g = sum of the halves' gradients
+    of the cross entropy of logits / T (detached), then for each half z = g . grad(L_half) (with graph) is
+    back-propagated and the products accumulate: Hg = d(g . grad(L_1 + L_2)) / d theta."""
+    net, mods = _grasp_copy(net, reinit_linear, seed)
     ws = [m.weight for _, m in mods]
     N = x.shape[0]
     halves = [(x[: N // 2], y[: N // 2]), (x[N // 2:], y[N // 2:])]
@@ -307,15 +314,7 @@ def block_grad_norms(net: nn.Module, x: torch.Tensor, y: torch.Tensor, T: float 
     """||dL/dtheta_block||^2 over both 3x3 convolutions of every block, L = L_half1 + L_half2 at temperature T, on the
     same re-initialised copy as :func:`grasp_scores` -- with batch norm in training mode this equals the GraSP block
     score (scale invariance); shown beside it as a diagnostic."""
-    net = copy.deepcopy(net)
-    mods = _scored(net)
-    if reinit_linear:
-        gen = torch.Generator().manual_seed(20_000 + seed)
-        for _, m in mods:
-            if isinstance(m, nn.Linear):
-                fan_in, fan_out = m.weight.shape[1], m.weight.shape[0]
-                with torch.no_grad():
-                    m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * math.sqrt(2.0 / (fan_in + fan_out)))
+    net, _ = _grasp_copy(net, reinit_linear, seed)
     N = x.shape[0]
     loss = F.cross_entropy(net(x[: N // 2]) / T, y[: N // 2]) + F.cross_entropy(net(x[N // 2:]) / T, y[N // 2:])
     ws = [w for b in net.blocks for w in (b.conv1.weight, b.conv2.weight)]
