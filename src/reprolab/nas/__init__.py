@@ -12,6 +12,9 @@ Foundation B adds the elastic CNN, samplers and BN recalibration (``elastic``, `
   (d / e / ks / w), get_active_subnet, elastic fake quantization (QuantSpec), in-place distillation, sandwich_step.
 - ``samplers``   uniform, sandwich, complexity-binned (rejection / per-bin), importance sampling of paths.
 - ``bn``         BN recalibration (OFA set_running_statistics; BigNAS cumulative).
+- ``supernet201`` NB-201 one-shot supernet (MixedOp per edge; single path or DARTS mixture; ``extract`` a child).
+- ``harness``    shared training / evaluation loop (image splits, SGD + cosine, sandwich training, child evaluation
+  with BN recalibration).
 - ``flops``      analytic / hook / torch-counter MACs, parameters, CPU latency (a timing, never a metric).
 
 Data: ``data/nas_bench_graph/`` and ``data/analog_nasbench/`` (``reprolab.data.sources``, ``make data``); the ground

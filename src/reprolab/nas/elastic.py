@@ -605,12 +605,11 @@ def inplace_distillation_loss(student_logits: torch.Tensor, teacher_logits: torc
     return per.mean() * T ** 2
 
 
-def sandwich_step(net: ElasticCNN, x: torch.Tensor, y: torch.Tensor, configs: list[dict],
-                  optimizer: torch.optim.Optimizer, kd: bool = True, label_smoothing: float = 0.0) -> list[float]:
-    """One BigNAS step: gradients of every config in ``configs`` accumulated, then one optimizer step. configs[0] is
-    the teacher (the max net in the sandwich rule) trained on the labels; the others on the in-place distillation
-    loss to its detached logits (``kd=True``) or on the labels. Returns the per-config losses."""
-    optimizer.zero_grad(set_to_none=True)
+def sandwich_backward(net: ElasticCNN, x: torch.Tensor, y: torch.Tensor, configs: list[dict], kd: bool = True,
+                      label_smoothing: float = 0.0) -> list[float]:
+    """Accumulate the gradients of one BigNAS sandwich (no optimizer step): configs[0] is the teacher (the max net in
+    the sandwich rule) trained on the labels; the others on the in-place distillation loss to its detached logits
+    (``kd=True``) or on the labels. Returns the per-config losses."""
     losses, soft = [], None
     for j, cfg in enumerate(configs):
         net.set_active_subnet(cfg)
@@ -623,6 +622,14 @@ def sandwich_step(net: ElasticCNN, x: torch.Tensor, y: torch.Tensor, configs: li
             soft = out.detach()
         loss.backward()
         losses.append(float(loss.detach()))
-    optimizer.step()
     return losses
 
+
+def sandwich_step(net: ElasticCNN, x: torch.Tensor, y: torch.Tensor, configs: list[dict],
+                  optimizer: torch.optim.Optimizer, kd: bool = True, label_smoothing: float = 0.0) -> list[float]:
+    """One BigNAS step: gradients of every config in ``configs`` accumulated (:func:`sandwich_backward`), then one
+    optimizer step. Returns the per-config losses."""
+    optimizer.zero_grad(set_to_none=True)
+    losses = sandwich_backward(net, x, y, configs, kd, label_smoothing)
+    optimizer.step()
+    return losses
