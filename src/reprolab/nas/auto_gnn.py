@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .benchmarks import nbg_raw_keys
 from .search import SearchResult, random_search, regularized_evolution
 
 CLASSES = ("link", "op1", "op2", "op3", "op4")
@@ -71,17 +72,6 @@ class Bench:
                 return child
 
 
-@lru_cache(maxsize=1)
-def _nbg_raw_keys() -> tuple:
-    """((link, op1..op4) index tuple, bench hash) for all 9 x 9^4 raw tuples (the library's ``Arch.valid_hash``)."""
-    from .benchmarks import nbg_architecture_module
-
-    mod = nbg_architecture_module()
-    return tuple(((li,) + ops, int(mod.Arch(list(link), [mod.gnn_list[o] for o in ops]).valid_hash()))
-                 for li, link in enumerate(mod.link_list)
-                 for ops in itertools.product(range(len(mod.gnn_list)), repeat=4))
-
-
 def nbg_bench(dataset: str) -> Bench:
     """NAS-Bench-Graph on ``dataset`` as a Bench over (link, op1..op4) with the library's list orders. Every raw tuple is
     keyed through the library's ``Arch.valid_hash`` (isomorphic cells share a record); the 9 raw tuples without a bench
@@ -92,7 +82,7 @@ def nbg_bench(dataset: str) -> Bench:
     tb = nbg_table(dataset)
     rec = dict(zip(tb["hash"].astype(int), zip(tb["val_acc"].astype(float), tb["test_acc"].astype(float))))
     val, test = {}, {}
-    for key, h in _nbg_raw_keys():
+    for key, h in nbg_raw_keys():
         if h in rec:
             val[key], test[key] = rec[h]
     return Bench((len(mod.link_list),) + (len(mod.gnn_list),) * 4, val, test)

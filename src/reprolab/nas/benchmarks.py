@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import itertools
 import pickle
 from functools import lru_cache
 from pathlib import Path
@@ -114,6 +115,16 @@ def nbg_architectures() -> pd.DataFrame:
         archs = mod.all_archs()
     rows = [{"link": tuple(a.link), "ops": tuple(a.ops), "hash": int(a.valid_hash())} for a in archs]
     return pd.DataFrame(rows)
+
+
+@lru_cache(maxsize=1)
+def nbg_raw_keys() -> tuple:
+    """((link index, op1..op4 indices), bench hash) for all 9 x 9^4 raw genomes (link from the library's ``link_list``,
+    ops from its ``gnn_list``), keyed by the library's ``Arch.valid_hash`` (isomorphic genomes share a hash)."""
+    mod = nbg_architecture_module()
+    return tuple(((li,) + ops, int(mod.Arch(list(link), [mod.gnn_list[o] for o in ops]).valid_hash()))
+                 for li, link in enumerate(mod.link_list)
+                 for ops in itertools.product(range(len(mod.gnn_list)), repeat=4))
 
 
 def nbg_hash(link, ops) -> int:
