@@ -16,7 +16,7 @@ export DGLBACKEND := pytorch
 TEST_WORKERS ?= 2
 QUIET := grep -v '^WARNING: Location' || true
 
-.PHONY: setup data models repro test clean-build
+.PHONY: setup data models nas-groundtruth repro test clean-build
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -41,7 +41,10 @@ repro: models
 	$(BIN)/dvc repro
 	@echo "== results: results/<paper>/metrics.json, reports/<paper>.html, reports/index.html"
 
-test: models
+nas-groundtruth: data
+	@$(BIN)/dvc repro nas_groundtruth
+
+test: models nas-groundtruth
 	$(BIN)/python -m pytest -ra -n $(TEST_WORKERS) --dist worksteal
 
 clean-build:
