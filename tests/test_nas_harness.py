@@ -106,6 +106,12 @@ def test_lr_schedule_and_batches():
     ep = [next(it) for _ in range(3)]
     assert [len(b[1]) for b in ep] == [4, 4, 2]
     assert sorted(torch.cat([b[1] for b in ep]).tolist()) == list(range(10))
+    it = harness.batches(X, y, 4, torch.Generator().manual_seed(0), drop_last=True)
+    ep2 = [next(it) for _ in range(4)]
+    assert [len(b[1]) for b in ep2] == [4, 4, 4, 4]  # two full batches per epoch, the partial one dropped
+    torch.testing.assert_close(ep2[0][1], ep[0][1])  # the same permutation stream
+    small = harness.batches(X[:3], y[:3], 4, torch.Generator().manual_seed(0), drop_last=True)
+    assert len(next(small)[1]) == 3  # an epoch shorter than one batch still yields it
 
 
 def test_train_model_equals_manual_sgd_loop():

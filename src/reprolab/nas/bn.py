@@ -94,9 +94,18 @@ def set_running_statistics(model: nn.Module, batches: Iterable, method: str = "o
     return done
 
 
-def recalibrated_subnet(supernet: nn.Module, config: dict, batches: Iterable, method: str = "ofa") -> nn.Module:
-    """The standalone sub-network of ``config`` (``supernet.get_active_subnet``) with its BN recalibrated, in eval
-    mode; the supernet's statistics are untouched."""
-    sub = supernet.get_active_subnet(config)
+def standalone_child(supernet: nn.Module, config) -> nn.Module:
+    """A standalone copy of the child ``config``: ``get_active_subnet`` (ElasticCNN) or ``extract`` (NB201SuperNet)."""
+    if hasattr(supernet, "get_active_subnet"):
+        return supernet.get_active_subnet(config)
+    if hasattr(supernet, "extract"):
+        return supernet.extract(config)
+    raise TypeError(f"{type(supernet).__name__} has neither get_active_subnet nor extract")
+
+
+def recalibrated_subnet(supernet: nn.Module, config, batches: Iterable, method: str = "ofa") -> nn.Module:
+    """The standalone sub-network of ``config`` (:func:`standalone_child`) with its BN recalibrated, in eval mode;
+    the supernet's statistics are untouched."""
+    sub = standalone_child(supernet, config)
     set_running_statistics(sub, batches, method)
     return sub.eval()

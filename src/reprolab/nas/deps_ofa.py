@@ -342,15 +342,9 @@ def train_arm(arm: str, data: dict, cfg: dict, seed: int) -> tuple[ElasticCNN, d
 def evaluate_children(net: ElasticCNN, configs: dict, data: dict, calib: int = 1024) -> dict:
     """{name: {"val", "test"}}: each child standalone (``get_active_subnet``), BN recalibrated on the first ``calib``
     training images (OFA ``set_running_statistics``), accuracy on val and test."""
-    from .bn import set_running_statistics
-    from .harness import evaluate
+    from .harness import evaluate_child_splits
 
-    out = {}
-    for name, cfg in configs.items():
-        sub = net.get_active_subnet(cfg)
-        set_running_statistics(sub, [data["train"][0][:calib]], "ofa")
-        out[name] = {"val": evaluate(sub, data, "val"), "test": evaluate(sub, data, "test")}
-    return out
+    return {name: evaluate_child_splits(net, cfg, data, calib=calib) for name, cfg in configs.items()}
 
 
 def eval_configs(net: ElasticCNN, n_mid: int, seed: int = 12345) -> dict:

@@ -399,13 +399,10 @@ def elastic_measure(net, data: dict, decode: Callable, image_size: int, calib: i
     """``measure`` of a child: accuracy on val (search) and test (report) after BN recalibration on ``calib`` training
     images (``harness.evaluate_child``); cost = analytic MACs of one image (``flops.cnn_macs``; deterministic)."""
     from .flops import cnn_macs
-    from .harness import evaluate, child
-    from .bn import set_running_statistics
+    from .harness import evaluate_child_splits
 
     def measure(key):
         cfg = decode(key)
-        sub = child(net, cfg)
-        set_running_statistics(sub, [data["train"][0][:calib]], "ofa")
-        return {"acc": float(evaluate(sub, data, "val")), "test": float(evaluate(sub, data, "test")),
-                "cost": float(cnn_macs(net, cfg, image_size))}
+        acc = evaluate_child_splits(net, cfg, data, calib=calib)
+        return {"acc": float(acc["val"]), "test": float(acc["test"]), "cost": float(cnn_macs(net, cfg, image_size))}
     return measure

@@ -332,14 +332,10 @@ class TrainCfg:
 
 
 def batches(X: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int):
-    """Endless shuffled minibatches, one permutation per epoch, from a seeded torch Generator."""
-    g = torch.Generator().manual_seed(seed)
-    n = len(y)
-    while True:
-        perm = torch.randperm(n, generator=g)
-        for i in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
-            idx = perm[i:i + batch_size]
-            yield X[idx], y[idx]
+    """Endless shuffled minibatches (full batches only), one permutation per epoch, from a seeded torch Generator."""
+    from .harness import batches as _batches
+
+    return _batches(X, y, batch_size, torch.Generator().manual_seed(seed), drop_last=True)
 
 
 def _cosine(opt, lr, t, T):

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bn import set_running_statistics
+from .bn import recalibrated_subnet, standalone_child
 
 SCHEDULES = ("cosine", "constant")
 
@@ -40,12 +40,15 @@ def image_data(dataset: str = "digits", split=(0.6, 0.2, 0.2), split_seed: int =
     return out
 
 
-def batches(X: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator) -> Iterator:
-    """Endless shuffled minibatches: one permutation per epoch; the last partial batch of an epoch is kept."""
+def batches(X: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator,
+            drop_last: bool = False) -> Iterator:
+    """Endless shuffled minibatches: one permutation per epoch; the last partial batch of an epoch is kept unless
+    ``drop_last`` (then an epoch shorter than one batch still yields one, smaller, batch)."""
     n = len(y)
+    stop = (n - batch_size + 1 if n >= batch_size else 1) if drop_last else n
     while True:
         perm = torch.randperm(n, generator=generator)
-        for b in range(0, n, batch_size):
+        for b in range(0, stop, batch_size):
             i = perm[b:b + batch_size]
             yield X[i], y[i]
 
@@ -130,19 +133,17 @@ def evaluate(model: nn.Module, data: dict, split: str = "val", batch_size: int =
     return correct / len(y)
 
 
-def child(net, config) -> nn.Module:
-    """A standalone copy of the child ``config``: ``get_active_subnet`` (ElasticCNN) or ``extract`` (NB201SuperNet)."""
-    if hasattr(net, "get_active_subnet"):
-        return net.get_active_subnet(config)
-    if hasattr(net, "extract"):
-        return net.extract(config)
-    raise TypeError(f"{type(net).__name__} has neither get_active_subnet nor extract")
+child = standalone_child  # a standalone copy of a supernet's child (nas.bn)
+
+
+def evaluate_child_splits(net, config, data: dict, splits=("val", "test"), calib: int = 1024,
+                          method: str = "ofa") -> dict[str, float]:
+    """{split: accuracy} of the child ``config`` as a standalone network whose BN statistics were recalibrated ONCE
+    on the first ``calib`` training images (one batch: OFA's recipe gives their exact mean / biased variance)."""
+    sub = recalibrated_subnet(net, config, [data["train"][0][:calib]], method)
+    return {s: evaluate(sub, data, s) for s in splits}
 
 
 def evaluate_child(net, config, data: dict, split: str = "val", calib: int = 1024, method: str = "ofa") -> float:
-    """Accuracy on ``split`` of the child ``config`` as a standalone network whose BN statistics were recalibrated on
-    the first ``calib`` training images (one batch: OFA's recipe gives their exact mean / biased variance)."""
-    sub = child(net, config)
-    X = data["train"][0][:calib]
-    set_running_statistics(sub, [X], method)
-    return evaluate(sub, data, split)
+    """Accuracy on ``split`` of the child ``config`` (:func:`evaluate_child_splits` for one split)."""
+    return evaluate_child_splits(net, config, data, (split,), calib, method)[split]

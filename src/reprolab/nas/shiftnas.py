@@ -407,14 +407,10 @@ def make_net(cfg: dict) -> ElasticCNN:
 
 
 def evaluate_child(net: ElasticCNN, config: dict, data: dict, calib: int) -> dict:
-    """``harness.evaluate_child`` for val AND test with one BN recalibration: the standalone child
-    (``harness.child``), BN recalibrated (OFA) on the first ``calib`` training images, accuracy on val and test."""
-    from .bn import set_running_statistics
-    from .harness import child, evaluate
+    """Val and test accuracy of the child after one BN recalibration (``harness.evaluate_child_splits``)."""
+    from .harness import evaluate_child_splits
 
-    sub = child(net, config)
-    set_running_statistics(sub, [data["train"][0][:calib]], "ofa")
-    return {"val": evaluate(sub, data, "val"), "test": evaluate(sub, data, "test")}
+    return evaluate_child_splits(net, config, data, calib=calib)
 
 
 def oracle_rel_err(macs_pool, targets) -> list[float]:
