@@ -297,6 +297,9 @@ def test_groundtruth_stage_smoke_is_deterministic(tmp_path):
     assert set(c["test_acc"]) == {"0", "1"} and 0 <= c["test_acc"]["0"] <= 1
     assert c["params"] == S.count_params(S.NB201Network(c["cell"], cfg["channels"], cfg["cells_per_stage"], 10, 1))
     assert json.loads(path.read_text())["summary"]["n_cells"] == 2
+    # the output folder DVC hashes holds only the deterministic JSON; the timings lie beside it
+    assert sorted(p.name for p in path.parent.iterdir()) == [G.FILE]
+    assert json.loads(G.timings_path(path.parent).read_text()) == {"wall_s": 0}
 
 
 def test_train_cell_reports_eval_mode_accuracy(monkeypatch):

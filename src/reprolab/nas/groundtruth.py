@@ -2,7 +2,8 @@
 
 ``python -m reprolab.nas.groundtruth [--profile P] [--out DIR]`` reads ``params.yaml: nas_groundtruth`` (defaults merged
 with the profile; the profile is params.yaml's ``profile`` unless given) and writes ``generated/nas-groundtruth/
-groundtruth.json`` (deterministic: same bytes on rerun) plus ``timings.json`` (wall/CPU seconds, not deterministic).
+groundtruth.json`` (deterministic: same bytes on rerun); the wall/CPU seconds go beside the folder, in
+``generated/nas-groundtruth.timings.json`` (not deterministic, so not part of the output DVC hashes).
 
 Subset (documented, reproducible): the 15,625 cells are sorted by their CIFAR-10 accuracy in AnalogNAS-Bench
 (``baseline_accuracy``), cut into ``n_cells`` strata of equal size (quantiles of the CIFAR-10 accuracy distribution), and
@@ -243,16 +244,24 @@ def dumps(gt: dict) -> str:
     return json.dumps(gt, indent=1, sort_keys=True) + "\n"
 
 
+def timings_path(out_dir: Path) -> Path:
+    """Where the stage's wall / CPU seconds go: BESIDE the output folder (``<out>.timings.json``), so that the
+    folder DVC hashes holds only the deterministic ground truth and a rebuild leaves the downstream stages
+    unchanged."""
+    out_dir = Path(out_dir)
+    return out_dir.with_name(out_dir.name + ".timings.json")
+
+
 def write(gt: dict, timings: dict, out_dir: Path) -> Path:
-    """Write groundtruth.json and timings.json through ``<out>.partial`` renamed at the end."""
+    """Write groundtruth.json through ``<out>.partial`` renamed at the end, and the timings beside the folder."""
     out_dir = Path(out_dir)
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     (partial / FILE).write_text(dumps(gt))
-    (partial / "timings.json").write_text(json.dumps(timings, indent=1) + "\n")
     shutil.rmtree(out_dir, ignore_errors=True)
     partial.rename(out_dir)
+    timings_path(out_dir).write_text(json.dumps(timings, indent=1) + "\n")
     return out_dir / FILE
 
 

@@ -24,6 +24,7 @@ from torch import nn
 from .bn import recalibrated_subnet, standalone_child
 
 SCHEDULES = ("cosine", "constant")
+OPTIMIZERS = ("sgd", "adamw")
 
 
 def image_data(dataset: str = "digits", split=(0.6, 0.2, 0.2), split_seed: int = 0, size: int | None = None) -> dict:
@@ -68,18 +69,26 @@ def lr_at(step: int, steps: int, lr: float, schedule: str = "cosine", warmup_ste
 def train_model(model: nn.Module, data: dict, steps: int, loss_fn: Callable, *, lr: float, momentum: float = 0.9,
                 nesterov: bool = True, weight_decay: float = 0.0, batch_size: int = 128, seed: int = 0,
                 schedule: str = "cosine", warmup_steps: int = 0, params=None, no_decay=None,
-                on_step: Callable | None = None) -> list[float]:
+                on_step: Callable | None = None, optimizer: str = "sgd", betas=(0.9, 0.999),
+                grad_clip: float | None = None) -> list[float]:
     """Train ``model`` for ``steps`` SGD steps on ``data["train"]``; returns per-step losses (NaN when ``loss_fn``
     returned None). A returned loss that needs no gradient is only recorded (``loss_fn`` did its own backward). ``params``: the parameters to optimise (default all); ``no_decay``: parameters without weight
-    decay (e.g. BN and biases). ``on_step(step, model)`` runs after each optimizer step."""
+    decay (e.g. BN and biases). ``on_step(step, model)`` runs after each optimizer step. ``optimizer``: ``sgd``
+    (Nesterov momentum) or ``adamw`` (``betas``; ``momentum`` / ``nesterov`` unused), the transformers' default;
+    ``grad_clip``: clip the global gradient norm before each step."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule={schedule!r}; allowed: {', '.join(SCHEDULES)}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
     params = list(model.parameters()) if params is None else list(params)
     nd = {id(p) for p in (no_decay or [])}
     groups = [{"params": [p for p in params if id(p) not in nd], "weight_decay": weight_decay}]
     if nd:
         groups.append({"params": [p for p in params if id(p) in nd], "weight_decay": 0.0})
-    opt = torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
+    else:
+        opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
     gen = torch.Generator().manual_seed(int(seed))
     it = batches(*data["train"], batch_size, gen)
     losses = []
@@ -92,6 +101,8 @@ def train_model(model: nn.Module, data: dict, steps: int, loss_fn: Callable, *, 
         loss = loss_fn(model, x, y, step)
         if loss is not None and loss.requires_grad:
             loss.backward()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()
         losses.append(float(loss.detach()) if loss is not None else float("nan"))
         if on_step is not None:
