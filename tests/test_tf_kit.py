@@ -247,6 +247,24 @@ def test_lm_data_windows_are_shifted_and_deterministic():
     assert not torch.equal(d["val"][0], d["test"][0])
 
 
+def test_heldout_halves_mix_every_text_equally():
+    """Validation and test take the first / second half of EACH text's held-out tail (not the two halves of the
+    joined tail, which would put different texts in each), and a window subset spans the whole held-out text."""
+    from reprolab.data import TEXTS, load_text
+    from reprolab.lm.tiny_llama import normalize
+    from reprolab.tf.data import heldout_parts, lm_data
+
+    p = heldout_parts()
+    val, test = (bytes(p[k].tolist()).decode() for k in ("val", "test"))
+    for name in TEXTS:
+        text = normalize(load_text(name))
+        held = text[int(len(text) * 0.9):]
+        assert held[:len(held) // 2] in val and held[len(held) // 2:] in test
+    assert abs(len(val) - len(test)) <= len(TEXTS)
+    X = lm_data(seq_len=16, n_train=1, n_val=10, n_test=10)["val"][0]
+    assert bytes(X[-1].tolist()).decode() in val[-len(val) // 10:]  # the last window lies near the end
+
+
 def test_train_model_adamw_equals_hand_loop():
     torch.manual_seed(0)
     m1 = make("causal", n_layers=1)
