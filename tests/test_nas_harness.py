@@ -181,3 +181,11 @@ def test_evaluate_child_recalibrates_on_training_images():
     set_running_statistics(c, [d["train"][0][:256]])
     assert acc == harness.evaluate(c, d, "val")
     assert 0.0 <= acc <= 1.0
+
+
+def test_flat_grad_concatenates_and_zero_fills():
+    a = torch.nn.Parameter(torch.ones(2, 2))
+    b = torch.nn.Parameter(torch.ones(3))
+    (a.sum() * 2).backward()
+    g = harness.flat_grad([a, b])
+    assert torch.equal(g, torch.tensor([2.0, 2.0, 2.0, 2.0, 0.0, 0.0, 0.0]))

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import space201
-from .harness import batches, evaluate_child
+from .harness import batches, evaluate_child, flat_grad
 from .space201 import N_EDGES, N_OPS
 from .supernet201 import NB201SuperNet, SearchCell
 
@@ -80,11 +80,6 @@ def shared_params(net: NB201SuperNet, eid: int) -> list[nn.Parameter]:
         else:
             params += list(cell.parameters())
     return params
-
-
-def flat_grad(params) -> torch.Tensor:
-    """Concatenated gradients; a parameter without gradient counts as zeros (same length for every op)."""
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
 
 
 def allowed_ops(enc: np.ndarray, e: int) -> list[int]:

@@ -110,6 +110,12 @@ def train_model(model: nn.Module, data: dict, steps: int, loss_fn: Callable, *, 
     return losses
 
 
+def flat_grad(params) -> torch.Tensor:
+    """The gradients of ``params`` as one flat vector; a parameter without a gradient counts as zeros (so vectors
+    from different paths / children have the same length)."""
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+
+
 def ce_loss(model: nn.Module, x, y, step) -> torch.Tensor:
     """Plain cross-entropy ``loss_fn`` (standalone training)."""
     return F.cross_entropy(model(x), y)

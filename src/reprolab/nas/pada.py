@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .harness import flat_grad
 from .samplers import ImportanceSampler
 from .space201 import N_EDGES, N_OPS, OPS
 from .supernet201 import NB201SuperNet, SearchCell
@@ -124,10 +125,6 @@ def weighted_loss(loss_per_sample: torch.Tensor, data_w=None, path_w: float = 1.
 
 
 # ------------------------------------------------------------------------------------------------ gradient variance
-def flat_grad(params) -> torch.Tensor:
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-
-
 def gradient_variance(net: NB201SuperNet, X: torch.Tensor, y: torch.Tensor, op_probs, data_probs, *,
                       draws: int, batch_size: int, rng: np.random.Generator, reweight: bool = False) -> dict:
     """Trace of the covariance of the supernet's weight gradient over ``draws`` (path, minibatch) pairs drawn from

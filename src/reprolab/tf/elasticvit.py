@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nas.harness import batches, image_data, lr_at
+from ..nas.harness import batches, flat_grad, image_data, lr_at
 from .tiny import TFConfig, TinyTransformer
 
 ARMS = ("uniform", "complexity", "elasticvit")
@@ -281,7 +281,7 @@ def children_grad(net: TinyTransformer, children: list, x: torch.Tensor, y: torc
     for c in children:
         net.set_active_subnet(c)
         child_loss(net(x), y, cfg).backward()
-    g = flat_grad(net).clone()
+    g = flat_grad(net.parameters()).clone()
     net.zero_grad(set_to_none=True)
     return g
 
@@ -297,11 +297,6 @@ def adaptive_clip_grad(parameters, clip_factor: float = 0.1, eps: float = 1e-3) 
         g = p.grad.detach()
         gn = unitwise_norm(g)
         p.grad.copy_(torch.where(gn < max_norm, g, g * (max_norm / gn.clamp(min=1e-6))))
-
-
-def flat_grad(model: nn.Module) -> torch.Tensor:
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                      for p in model.parameters()])
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -395,14 +390,14 @@ def train_supernet(arm: str, data: dict, cfg: dict, seed: int, tiers: dict, min_
             loss.backward()
             losses.append(float(loss.detach()))
         if measure:  # the sampled children's gradient vs the previous step's children, same batch and weights
-            log["cos_same"].append(cosine(flat_grad(net), g_prev))
+            log["cos_same"].append(cosine(flat_grad(net.parameters()), g_prev))
         prev_children = children
         net.set_active_subnet(min_config)
         out = net(x)
         loss = min_child_loss(out, probs, cfg)
         loss.backward()
         losses.append(float(loss.detach()))
-        g = flat_grad(net)
+        g = flat_grad(net.parameters())
         if prev is not None:
             log["cos"].append(cosine(g, prev))
         prev = g
@@ -484,7 +479,7 @@ def conflict_probe(net: TinyTransformer, data: dict, tiers: dict, cfg: dict, see
         net.zero_grad(set_to_none=True)
         net.set_active_subnet(c)
         F.cross_entropy(net(x), y).backward()
-        return flat_grad(net)
+        return flat_grad(net.parameters())
 
     for _ in range(cfg["probe_batches"]):
         x, y = next(it)
