@@ -1,6 +1,7 @@
 # The two commands of the README:
 #   make repro   set up (venv, data, model cache) and run the whole DVC pipeline (quick profile by default)
 #   make test    set up and run the test suite (unit tests + every notebook in the smoke profile)
+#   (make test-reruns: every notebook's smoke run twice, byte-identical; make test reruns one paper per family)
 # Both are idempotent: a second run skips what is installed or up to date.
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
@@ -16,7 +17,7 @@ export DGLBACKEND := pytorch
 TEST_WORKERS ?= 2
 QUIET := grep -v '^WARNING: Location' || true
 
-.PHONY: setup data models nas-groundtruth repro test clean-build
+.PHONY: setup data models nas-groundtruth repro test test-reruns clean-build
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -46,6 +47,9 @@ nas-groundtruth: data
 
 test: models nas-groundtruth
 	$(BIN)/python -m pytest -ra -n $(TEST_WORKERS) --dist worksteal
+
+test-reruns: models nas-groundtruth
+	REPROLAB_RERUN_ALL=1 $(BIN)/python -m pytest -ra -n $(TEST_WORKERS) --dist worksteal -m notebook
 
 clean-build:
 	rm -rf build
