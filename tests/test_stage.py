@@ -22,8 +22,8 @@ FAMILIES = {slug: entry["family"] for slug, entry in read_params()["papers"].ite
 # test_every_family_has_one_rerun_sentinel makes a new family name its own
 RERUN_SENTINELS = {
     "atoms": "eip_injection", "backdoor": "sra_backdoor", "bio": "graph_vci", "cl": "hypernet_review",
-    "dp": "autoclip", "embed": "cafe", "equivariant": "tdn_mlip", "explain": "leta", "fed": "fedpub",
-    "graph": "fmp", "lm": "self_extend", "memory": "wta_crs", "moe": "smile_moe", "nas": "bignas", "privacy": "recit",
+    "dp": "autoclip", "embed": "cafe", "equivariant": "tdn_mlip", "explain": "leta", "fed": "lifl_serverless",
+    "graph": "fmp", "lm": "self_extend", "memory": "coat_fp8", "moe": "alf_lb_moe", "nas": "bignas", "privacy": "recit",
     "pruning": "weight_compander", "quant": "llm_qfa", "reason": "rearev", "rl": "gbrl", "select": "uds_batch_select",
     "sensing": "crossfi", "tf": "deep_incubation", "weightspace": "d2nwg", "zk": "zkdl",
 }
