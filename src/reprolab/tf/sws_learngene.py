@@ -36,6 +36,9 @@ import torch
 import torch.nn.functional as F
 
 from ..nas.harness import evaluate, image_data, train_model
+# the same timm no-weight-decay rule and compute-matching interpolation as Deep Incubation: one copy serves both
+from .deep_incubation import matching_compute as epochs_to_match
+from .deep_incubation import no_decay_params
 from .distill import logit_kd
 from .tiny import TFConfig, TinyTransformer
 
@@ -177,11 +180,6 @@ def train_macs_per_sample(model: TinyTransformer) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------- training
-def no_decay_params(model: TinyTransformer) -> list:
-    """timm ``add_weight_decay``: 1-D parameters (biases, norms) and pos / cls get no weight decay."""
-    return [p for n, p in model.named_parameters() if p.ndim <= 1 or n.endswith(".bias") or n in ("pos", "cls")]
-
-
 def _adamw(model, data, steps, loss_fn, lr, cfg, seed, warmup_steps):
     return train_model(model, data, int(steps), loss_fn, lr=float(lr), optimizer="adamw", betas=(0.9, 0.999),
                        weight_decay=cfg["weight_decay"], batch_size=cfg["batch_size"], seed=int(seed),
@@ -299,19 +297,6 @@ def cost_matched_budget(cfg: dict, data: dict, teacher_macs_per_image: int) -> d
     per_step = sum(B * train_macs_per_sample(build_vit(cfg, int(d), size, 0)) for d in cfg["depths"])
     steps = max(1, int(round(route / per_step)))
     return {"route_macs": int(route), "steps": steps, "epochs": steps / spe, "epochs_exact": route / per_step / spe}
-
-
-def epochs_to_match(epochs, accs, target: float) -> float:
-    """The scratch budget (epochs, increasing) at which the piecewise-linear-in-log-epochs curve reaches ``target``;
-    inf if it never does; epochs[0] if the first point already does."""
-    e, a = np.asarray(epochs, float), np.asarray(accs, float)
-    if a[0] >= target:
-        return float(e[0])
-    for k in range(1, len(e)):
-        if a[k] >= target:
-            t = (target - a[k - 1]) / (a[k] - a[k - 1])
-            return float(math.exp(math.log(e[k - 1]) + t * (math.log(e[k]) - math.log(e[k - 1]))))
-    return float("inf")
 
 
 __all__ = ["load_data", "steps_per_epoch", "teacher_inputs", "teacher_features", "fit_probe", "teacher_macs",
