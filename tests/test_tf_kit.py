@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from reprolab.nas import harness
 from reprolab.tf import distill
-from reprolab.tf.tiny import TFConfig, TinyTransformer, lm_loss
+from reprolab.tf.tiny import TFConfig, TinyTransformer, lm_loss, lm_nll, unigram_nll
 
 KW = dict(d_model=24, n_layers=3, n_heads=4, head_dim=6, mlp_hidden=40)
 
@@ -288,3 +288,21 @@ def test_train_model_adamw_equals_hand_loop():
         assert torch.allclose(p1, p2, atol=1e-6)
     with pytest.raises(ValueError, match="optimizer"):
         harness.train_model(m1, data, 1, lambda m, x, y, s: lm_loss(m, x, y), lr=1e-3, optimizer="lion")
+
+
+def test_lm_nll_and_unigram_nll_match_a_per_token_loop():
+    torch.manual_seed(0)
+    model = TinyTransformer(TFConfig(kind="causal", d_model=16, n_layers=1, n_heads=2, mlp_hidden=32, vocab_size=11,
+                                     max_len=8, dropout=0.5))
+    X, Y = torch.randint(0, 11, (5, 8)), torch.randint(0, 11, (5, 8))
+    model.eval()
+    with torch.no_grad():
+        logp = torch.log_softmax(model(X), -1)
+    model.train()
+    naive = -sum(float(logp[i, t, Y[i, t]]) for i in range(5) for t in range(8)) / 40
+    for bs in (1, 2, 5, 64):  # batching does not change the mean; dropout is off; the training mode comes back
+        assert lm_nll(model, X, Y, batch_size=bs) == pytest.approx(naive, rel=1e-6)
+        assert model.training
+    train, test = torch.tensor([0, 0, 1, 2, 2, 2]), torch.tensor([0, 3, 2])
+    # add-one counts over a vocabulary of 4: {0: 3, 1: 2, 2: 4, 3: 1}, total 10
+    assert unigram_nll(train, test, vocab=4) == pytest.approx(-(math.log(.3) + math.log(.1) + math.log(.4)) / 3)

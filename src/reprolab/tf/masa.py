@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nas.elastic import DynamicLinear
-from .tiny import TFConfig, TinyTransformer, default_proj, lm_loss
+from .tiny import TFConfig, TinyTransformer, default_proj, lm_loss, lm_nll, unigram_nll
 
 ATTN_ROLES = ("q", "k", "v", "o")
 ARMS = ("full", "masa", "cycle", "sequence", "lowrank", "gqa")
@@ -216,25 +216,12 @@ def attention_budget_formula(arm: str, d: int, n_layers: int, n_heads: int, n_at
 # ----------------------------------------------------------------------------------------------- training / evaluation
 def unigram_perplexity(train_tokens: torch.Tensor, eval_targets: torch.Tensor, vocab: int = 256) -> float:
     """Perplexity of the add-one-smoothed byte unigram model of ``train_tokens`` on ``eval_targets``."""
-    counts = torch.bincount(train_tokens.reshape(-1), minlength=vocab).double() + 1.0
-    logp = torch.log(counts / counts.sum())
-    return float(torch.exp(-logp[eval_targets.reshape(-1)].mean()))
+    return math.exp(unigram_nll(train_tokens, eval_targets, vocab))
 
 
-@torch.no_grad()
 def perplexity(model: TinyTransformer, data: dict, split: str, batch_size: int = 256) -> float:
     """exp(mean next-byte cross-entropy) over every target of ``data[split]``."""
-    X, Y = data[split]
-    was = model.training
-    model.eval()
-    tot, n = 0.0, 0
-    for b in range(0, len(X), batch_size):
-        logits = model(X[b:b + batch_size])
-        tot += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), Y[b:b + batch_size].reshape(-1),
-                                     reduction="sum"))
-        n += Y[b:b + batch_size].numel()
-    model.train(was)
-    return math.exp(tot / n)
+    return math.exp(lm_nll(model, *data[split], batch_size=batch_size))
 
 
 def ngram_perplexity(train: tuple, evaluate: tuple, n: int, k: float = 0.1, vocab: int = 256) -> float:

@@ -39,7 +39,7 @@ from torch import nn
 
 from ..nas.elastic import DynamicLinear
 from ..nas.harness import train_model
-from .tiny import TFConfig, TinyTransformer, lm_loss
+from .tiny import TFConfig, TinyTransformer, lm_loss, lm_nll, unigram_nll
 
 ARMS = ("hat", "mos_layer", "mos_neuron")  # the supernet arms; "standalone" is the reference
 MODES = ("layer", "neuron")
@@ -303,29 +303,17 @@ def _child_tf(tf: TFConfig, child: dict) -> TFConfig:
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-@torch.no_grad()
 def perplexity(model: TinyTransformer, X: torch.Tensor, Y: torch.Tensor, child: dict | None = None,
                batch_size: int = 256) -> float:
     """exp(mean next-byte cross-entropy over every target byte), eval mode (router dropout off)."""
-    was = model.training
-    model.eval()
     if child is not None:
         model.set_active_subnet(child)
-    nll, n = 0.0, 0
-    for b in range(0, len(X), batch_size):
-        logits = model(X[b:b + batch_size])
-        nll += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), Y[b:b + batch_size].reshape(-1),
-                                     reduction="sum"))
-        n += Y[b:b + batch_size].numel()
-    model.train(was)
-    return math.exp(nll / n)
+    return math.exp(lm_nll(model, X, Y, batch_size))
 
 
 def unigram_perplexity(data: dict, split: str = "val") -> float:
     """Perplexity on ``split`` of the add-one-smoothed byte unigram model of the training targets."""
-    counts = torch.bincount(data["train"][1].reshape(-1), minlength=256).double() + 1.0
-    logp = torch.log(counts / counts.sum())
-    return float(torch.exp(-logp[data[split][1].reshape(-1)].mean()))
+    return math.exp(unigram_nll(data["train"][1], data[split][1]))
 
 
 def gap_reduction(gap_method: float, gap_hat: float) -> float:

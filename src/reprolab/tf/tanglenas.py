@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nas.harness import batches, train_model
-from .tiny import TFConfig, TinyTransformer, lm_loss
+from .tiny import TFConfig, TinyTransformer, lm_loss, lm_nll, unigram_nll
 
 ARMS = ("tanglenas", "spos")
 SAMPLERS = ("drnas", "darts")
@@ -402,19 +402,9 @@ def train_spos(data: dict, cfg: dict, seed: int):
     return model, losses
 
 
-@torch.no_grad()
 def mean_loss(model: nn.Module, X: torch.Tensor, Y: torch.Tensor, batch_size: int = 512) -> float:
-    """Mean next-byte cross-entropy (nats) over every target byte, eval mode."""
-    was = model.training
-    model.eval()
-    nll, n = 0.0, 0
-    for b in range(0, len(X), batch_size):
-        logits = model(X[b:b + batch_size])
-        nll += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), Y[b:b + batch_size].reshape(-1),
-                                     reduction="sum"))
-        n += Y[b:b + batch_size].numel()
-    model.train(was)
-    return nll / n
+    """Mean next-byte cross-entropy (nats) over every target byte, eval mode (the kit's ``lm_nll``)."""
+    return lm_nll(model, X, Y, batch_size)
 
 
 def evolution_search(fitness, space: dict, rng: random.Random, population: int, select: int, mutation: int,
@@ -518,9 +508,7 @@ def n_params_arch(cfg: dict, arch: dict) -> int:
 
 def unigram_loss(data: dict, split: str = "val") -> float:
     """Mean cross-entropy (nats) on ``split`` of the add-one byte unigram of the training targets."""
-    counts = torch.bincount(data["train"][1].reshape(-1), minlength=256).double() + 1.0
-    logp = torch.log(counts / counts.sum())
-    return float(-logp[data[split][1].reshape(-1)].mean())
+    return unigram_nll(data["train"][1], data[split][1])
 
 
 # ---------------------------------------------------------------------------------------------- memory measurement

@@ -355,10 +355,33 @@ def lm_loss(model: TinyTransformer, x: torch.Tensor, y: torch.Tensor) -> torch.T
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
 
 
+@torch.no_grad()
+def lm_nll(model: nn.Module, X: torch.Tensor, Y: torch.Tensor, batch_size: int = 256) -> float:
+    """Mean next-token cross-entropy (nats) over every target of (X, Y), in eval mode (the mode is restored)."""
+    was = model.training
+    model.eval()
+    nll, n = 0.0, 0
+    for b in range(0, len(X), batch_size):
+        logits = model(X[b:b + batch_size])
+        nll += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), Y[b:b + batch_size].reshape(-1),
+                                     reduction="sum"))
+        n += Y[b:b + batch_size].numel()
+    model.train(was)
+    return nll / n
+
+
+def unigram_nll(train_targets: torch.Tensor, eval_targets: torch.Tensor, vocab: int = 256) -> float:
+    """Mean cross-entropy (nats) on ``eval_targets`` of the add-one-smoothed unigram of ``train_targets``: the
+    floor a language model must beat."""
+    counts = torch.bincount(train_targets.reshape(-1), minlength=vocab).double() + 1.0
+    logp = torch.log(counts / counts.sum())
+    return float(-logp[eval_targets.reshape(-1)].mean())
+
+
 def config_dict(cfg: TFConfig) -> dict:
     d = asdict(cfg)
     d["loops"] = list(cfg.loops)
     return d
 
 
-__all__ = ["TFConfig", "TinyTransformer", "Block", "default_proj", "lm_loss", "config_dict", "KINDS", "ROLES"]
+__all__ = ["TFConfig", "TinyTransformer", "Block", "default_proj", "lm_loss", "lm_nll", "unigram_nll", "config_dict", "KINDS", "ROLES"]
