@@ -56,6 +56,7 @@ DATA_FILES = {
     "nas_bench_graph": ["data/nas_bench_graph"],
     "analog_nasbench": ["data/analog_nasbench"],
     "nas_groundtruth": ["generated/nas-groundtruth"],
+    "asterisk_speech": ["data/speech/asterisk"],
 }
 MODEL_FILES = {
     "smollm2-135m": ["models/smollm2-135m"],
@@ -63,6 +64,7 @@ MODEL_FILES = {
     "tiny-llama-256": ["models/tiny-llama-256"],
     "offsite-emulator": ["models/offsite-emulator"],
     "mobilenet-v2": ["models/mobilenet-v2"],
+    "whisper-base": ["models/whisper-base"],
 }
 # modules that define the catalogues (every dataset/model name appears in them): their literals are not evidence of use
 CATALOGUE_MODULES = {"src/reprolab/data/__init__.py", "src/reprolab/data/sources.py", "src/reprolab/data/materialize.py",
@@ -75,7 +77,8 @@ LOADER_FILES = {"load_mnist5k": "mnist5k", "load_german_credit": "german_credit"
                 "german_credit_graph": "german_credit", "adult_graph": "adult", "ml100k_graph": "ml100k",
                 "nbg_table": "nas_bench_graph", "nbg_raw": "nas_bench_graph", "nbg_architectures": "nas_bench_graph",
                 "nb201_table": "analog_nasbench", "nb201_accuracy": "analog_nasbench", "analog_raw": "analog_nasbench",
-                "load_groundtruth": "nas_groundtruth"}
+                "load_groundtruth": "nas_groundtruth", "asterisk_clips": "asterisk_speech", "load_wave": "asterisk_speech",
+                "shared_prompts": "asterisk_speech", "WhisperTeacher": "whisper-base"}
 
 
 def _module_file(mod: str) -> Path | None:
