@@ -239,11 +239,3 @@ def test_qbe_accuracy_against_a_brute_force_loop():
     assert got["a_to_b"] == hits_ab / n and got["b_to_a"] == hits_ba / n
     assert 0 < got["mean"] < 1
     assert LH.qbe_accuracy(a, a)["mean"] == 1.0
-
-
-def test_clip_log_mel_equals_whisper_30s_window_features():
-    from reprolab.tf import speech
-
-    for voice, name, sec in (("it_IT_m_Carlo", "digits/5.wav", 3.0), ("en_US_f_Allison", "vm-goodbye.wav", 0.7)):
-        w = speech.load_wave(voice, name, sec)
-        np.testing.assert_array_equal(LH.clip_log_mel(w), speech.log_mel(w))

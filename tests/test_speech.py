@@ -53,6 +53,12 @@ def test_waves_are_upsampled_to_16k_and_log_mel_matches_whisper_feature_extracto
     # the 30 s window Whisper sees: the clip's frames, then its padding value (all of it, not only the clip)
     np.testing.assert_array_equal(speech.WhisperTeacher._full(mel), ref)
     assert len(speech.load_wave("en_US_f_Allison", "vm-goodbye.wav", max_seconds=0.25)) == 4000
+    # log_mel computes over the clip + 800 zeros: the same frames as Whisper's 30 s window, for cut and short clips
+    for voice, name, sec in (("it_IT_m_Carlo", "digits/5.wav", 3.0), ("en_US_f_Allison", "vm-goodbye.wav", 0.7)):
+        w = speech.load_wave(voice, name, sec)
+        full = speech._feature_extractor()(w, sampling_rate=16000, return_tensors="np").input_features[0]
+        got = speech.log_mel(w)
+        np.testing.assert_array_equal(got, full[:, : len(got)].T)
 
 
 @pytest.fixture(scope="module")

@@ -48,17 +48,6 @@ STACK = 2  # log-mel frames (100 a second) per student frame (50 a second, the t
 
 
 # ---------------------------------------------------------------------------------------------- features
-def clip_log_mel(wave: np.ndarray) -> np.ndarray:
-    """``speech.log_mel`` computed over the clip plus 800 zero samples instead of Whisper's 30 s window: the same
-    frames (each frame's window lies inside the clip + padding, and the zero tail never sets the maximum used by the
-    normalisation), about 5x cheaper (tested equal)."""
-    feats = speech._feature_extractor()(wave.astype(np.float32), sampling_rate=speech.SR, return_tensors="np",
-                                        max_length=len(wave) + 800).input_features[0]
-    n = int(np.ceil(len(wave) / speech.HOP)) + 1
-    n = min(3000, n + n % 2)
-    return np.ascontiguousarray(feats[:, :n].T, dtype=np.float32)
-
-
 def stack_frames(mel: np.ndarray | torch.Tensor):
     """(T, 80) with T even -> (T / 2, 160): pairs of consecutive frames side by side (frame 2j then 2j + 1)."""
     return mel.reshape(mel.shape[0] // STACK, STACK * mel.shape[1])
@@ -68,7 +57,7 @@ def load_clips(voice: str, names, max_seconds: float, teacher=None) -> list[dict
     """Per clip: the stacked log-mel frames (T, 160) and, with a teacher, its states (T, 512) (same T)."""
     out = []
     for name in names:
-        mel = clip_log_mel(speech.load_wave(voice, name, max_seconds))
+        mel = speech.log_mel(speech.load_wave(voice, name, max_seconds))
         d = {"voice": voice, "name": name, "mel": mel, "x": stack_frames(mel)}
         if teacher is not None:
             d["t"] = teacher.encode(mel)
@@ -283,13 +272,6 @@ def heldout_loss(net, clips: list[dict], cfg: dict, seed: int = 12345) -> float:
     return tot / n
 
 
-@torch.no_grad()
-def student_states(net: LightStudent, clips: list[dict], key: str = "x") -> list[np.ndarray]:
-    """Unmasked states of each clip: ``x`` (the last hidden state, official ``extract_features``) or ``pred``."""
-    net.eval()
-    return [net(torch.from_numpy(c["x"])[None])[key][0].numpy() for c in clips]
-
-
 def prepare_data(cfg: dict, teacher) -> dict:
     """The run's clips with their teacher states: ``train`` (clips_per_voice prompts of each training voice, drawn
     with ``seed``, at most max_seconds, at least min_frames states), ``heldout`` (heldout_per_voice further prompts of
@@ -377,8 +359,8 @@ def qbe_accuracy(states_a: list[np.ndarray], states_b: list[np.ndarray]) -> dict
     return {"a_to_b": a2b, "b_to_a": b2a, "mean": (a2b + b2a) / 2}
 
 
-__all__ = ["TRAIN_VOICES", "PROBE_VOICES", "clip_log_mel", "stack_frames", "load_clips", "compute_mask_indices",
+__all__ = ["TRAIN_VOICES", "PROBE_VOICES", "stack_frames", "load_clips", "compute_mask_indices",
            "distill_loss", "LightStudent", "student_config", "child_config", "search_space", "sample_subnet",
-           "extract_subnet", "n_params", "make_batch", "length_buckets", "train_student", "heldout_loss", "student_states", "prepare_data",
+           "extract_subnet", "n_params", "make_batch", "length_buckets", "train_student", "heldout_loss", "prepare_data",
            "probe_model", "subnet_child", "run_seed",
            "pool_thirds", "qbe_accuracy"]

@@ -79,11 +79,21 @@ def _feature_extractor():
 
 
 def log_mel(wave: np.ndarray) -> np.ndarray:
-    """Whisper's log-mel features of a clip (<= 30 s), (T, 80) float32, T even, about 100 x seconds + 2."""
-    feats = _feature_extractor()(wave.astype(np.float32), sampling_rate=SR, return_tensors="np").input_features[0]
+    """Whisper's log-mel features of a clip (<= 30 s), (T, 80) float32, T even, about 100 x seconds + 2: the frames
+    of Whisper's zero-padded 30 s window, computed over the clip plus 800 zero samples only (every kept frame's
+    window lies inside that, and zeros never set the maximum the normalisation clamps to; tested equal)."""
+    feats = _feature_extractor()(wave.astype(np.float32), sampling_rate=SR, return_tensors="np",
+                                 max_length=len(wave) + 800).input_features[0]
     n = int(np.ceil(len(wave) / HOP)) + 1  # every frame whose window reaches into the clip
     n = min(3000, n + n % 2)
     return np.ascontiguousarray(feats[:, :n].T, dtype=np.float32)
+
+
+@lru_cache(maxsize=1)
+def _tokenizer():
+    import tokenizers
+
+    return tokenizers.Tokenizer.from_file(str(MODELS_DIR / "whisper-base" / "tokenizer.json"))
 
 
 class WhisperTeacher:
@@ -151,15 +161,9 @@ class WhisperTeacher:
             prompt = ["<|startoftranscript|>", f"<|{language}|>", "<|transcribe|>", "<|notimestamps|>"]
             res = self._ct2.generate(ctranslate2.StorageView.from_array(np.ascontiguousarray(mel)), [prompt],
                                      beam_size=1)
-            return self._tokenizer().decode(res[0].sequences_ids[0]).strip()
+            return _tokenizer().decode(res[0].sequences_ids[0]).strip()
         import torch
 
         with torch.no_grad():
             ids = self._hf.generate(torch.from_numpy(mel), language=language, task="transcribe")
         return self._processor.batch_decode(ids, skip_special_tokens=True)[0].strip()
-
-    @lru_cache(maxsize=1)
-    def _tokenizer(self):
-        import tokenizers
-
-        return tokenizers.Tokenizer.from_file(str(MODELS_DIR / "whisper-base" / "tokenizer.json"))
